@@ -22,17 +22,19 @@ BRAINMVP_CITATION = (
 class PretrainedCfg:
     """Where a weight lives and the preprocessing contract its inputs must follow.
 
-    ``modalities`` are the input channels in order (canonical names); ``template_modalities`` the modalities
-    whose learned templates the weight carries. Spatial tuples are in the MONAI axis order (H, W, D) of a RAS volume.
+    ``modalities`` are the input channels in order (canonical names); an empty tuple means a modality-agnostic
+    single-channel encoder (BrainMVP pre-training encodes one modality at a time). ``template_modalities`` are the
+    modalities whose learned templates the weight carries. Spatial tuples are in the MONAI axis order (H, W, D) of a RAS volume.
     """
 
     architecture: str = ""
     tag: str = ""
     hf_hub_id: str | None = None
     hf_hub_revision: str | None = None
+    local_dir: str | None = None  # a folder registered on this machine (e.g. a converted official checkpoint)
     file: str = "model.safetensors"
     sha256: str | None = None
-    modalities: tuple[str, ...] = ("t1",)
+    modalities: tuple[str, ...] = ()
     template_modalities: tuple[str, ...] = MODALITIES
     input_size: tuple[int, int, int] = (96, 96, 96)
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
@@ -55,8 +57,12 @@ class PretrainedCfg:
         return f"{self.architecture}.{self.tag}" if self.tag else self.architecture
 
     @property
+    def in_chans(self) -> int:
+        return max(1, len(self.modalities))
+
+    @property
     def has_weights(self) -> bool:
-        return bool(self.hf_hub_id)
+        return bool(self.hf_hub_id or self.local_dir)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
