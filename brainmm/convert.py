@@ -134,7 +134,8 @@ def convert_official(checkpoint: str | Path, out_dir: str | Path, *, arch: str |
     for k in res.unmapped:
         logger.warning("Unmapped official key %s (skipped)", k)
     model = create_model(res.architecture)
-    model.pretrained_cfg = model.pretrained_cfg.replace(tag=tag) if tag else model.pretrained_cfg
+    # A converted folder lives on this machine until someone publishes it (hub/ sets the Hub fields then).
+    model.pretrained_cfg = model.pretrained_cfg.replace(tag=tag or "", status="local", hf_hub_id=None)
     report = load_encoder_weights(model, res.encoder, source=str(checkpoint), strict=True)
     decoder = None
     if res.decoder:

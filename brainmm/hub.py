@@ -182,7 +182,9 @@ def split_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict, dict, dict]:
 
 
 def normalise_template(t: torch.Tensor) -> torch.Tensor:
-    """Min-max normalisation of a whole template, as BrainMVP applies at each use: ``(T - min) / (max - min + 1e-9)``."""
+    """Min-max normalisation of a whole template, as BrainMVP applies it at each use.
+
+    ``(T - min) / (max - min + 1e-9)``."""
     t = t.float()
     return (t - t.min()) / (t.max() - t.min() + 1e-9)
 

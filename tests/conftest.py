@@ -39,7 +39,10 @@ def official_state_dict(arch: str) -> dict[str, torch.Tensor]:
 def reference_outputs() -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(FIXTURES / "reference_outputs.safetensors"))
+    out: dict[str, torch.Tensor] = {}
+    for arch in ("uniformer", "unet"):  # stored split by architecture (see the fixture README)
+        out.update(load_file(str(FIXTURES / f"reference_outputs_{arch}.safetensors")))
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -10,15 +10,20 @@ from ._registry import (
     list_models,
     list_pretrained,
     list_tags,
+    load_local_registry,
     model_entrypoint,
+    register_local,
     register_model,
     register_pretrained_cfg,
     split_model_name_tag,
 )
 
+load_local_registry()
+
 __all__ = [
     "Encoder", "FeatureListNet", "LinearReconstructionDecoder", "LoadReport", "PretrainedCfg", "adapt_stem_weight",
     "create_model", "get_pretrained_cfg", "is_model", "list_models", "list_pretrained", "list_tags", "load_decoder",
-    "load_encoder_weights", "load_templates", "model_entrypoint", "register_model", "register_pretrained_cfg",
+    "load_encoder_weights", "load_templates", "register_local", "model_entrypoint", "register_model",
+    "register_pretrained_cfg",
     "split_model_name_tag",
 ]

@@ -64,7 +64,8 @@ def adapt_stem_weight(weight: torch.Tensor, *, src_modalities: tuple[str, ...], 
     if c_src == 1:
         new = weight.repeat(1, dst_chans, 1, 1, 1) / dst_chans
         names = f" ({', '.join(dst_modalities)})" if dst_modalities else ""
-        return new, f"1 -> {dst_chans} channels{names}: pre-trained kernel copied into each channel, divided by {dst_chans}"
+        how = f"1 -> {dst_chans} channels{names}: pre-trained kernel copied into each channel, divided by {dst_chans}"
+        return new, how
     mean = weight.mean(dim=1, keepdim=True)
     if src_modalities and dst_modalities and len(src_modalities) == c_src:
         chans, how = [], []
@@ -76,7 +77,8 @@ def adapt_stem_weight(weight: torch.Tensor, *, src_modalities: tuple[str, ...], 
                 chans.append(mean)
                 how.append(f"{m}<-mean")
         new = torch.cat(chans, dim=1) * (c_src / dst_chans)
-        return new, f"{c_src} -> {dst_chans} channels by modality name ({', '.join(how)}), scaled by {c_src}/{dst_chans}"
+        mapping = ", ".join(how)
+        return new, f"{c_src} -> {dst_chans} channels by modality name ({mapping}), scaled by {c_src}/{dst_chans}"
     new = mean.repeat(1, dst_chans, 1, 1, 1) * (c_src / dst_chans)
     return new, f"{c_src} -> {dst_chans} channels: mean source kernel repeated, scaled by {c_src}/{dst_chans}"
 
@@ -153,7 +155,16 @@ def _resolve_weights(name: str, cfg: PretrainedCfg, *, checkpoint_path: str | Pa
         loc = hub.HubLocation(local_dir=Path(cfg.local_dir))
     else:
         loc = hub.HubLocation(repo_id=cfg.hf_hub_id, revision=revision or cfg.hf_hub_revision)
-    path = hub.resolve_file(loc, cfg.file, cache_dir=cache_dir, name_for_help=cfg.name)
+    try:
+        path = hub.resolve_file(loc, cfg.file, cache_dir=cache_dir, name_for_help=cfg.name)
+    except hub.WeightsNotFoundError as err:
+        if cfg.status != "planned":
+            raise
+        raise hub.WeightsNotFoundError(
+            f"{cfg.name!r} is not published on the Hub yet ({cfg.hf_hub_id} is reserved for it). Convert the official "
+            f"checkpoint and register it on this machine: `brainmm convert-official CKPT.pt DIR --arch "
+            f"{cfg.architecture}` then `brainmm register-local DIR --name {cfg.name}`; or pass checkpoint_path=. "
+            f"({err})") from err
     hub.verify_sha256(path, cfg.sha256, name=cfg.name)
     try:
         config = hub.read_config(loc, cache_dir=cache_dir)

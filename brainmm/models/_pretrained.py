@@ -24,7 +24,8 @@ class PretrainedCfg:
 
     ``modalities`` are the input channels in order (canonical names); an empty tuple means a modality-agnostic
     single-channel encoder (BrainMVP pre-training encodes one modality at a time). ``template_modalities`` are the
-    modalities whose learned templates the weight carries. Spatial tuples are in the MONAI axis order (H, W, D) of a RAS volume.
+    modalities whose learned templates the weight carries. Spatial tuples are in the MONAI axis order (H, W, D) of a
+    RAS volume.
     """
 
     architecture: str = ""
@@ -32,6 +33,8 @@ class PretrainedCfg:
     hf_hub_id: str | None = None
     hf_hub_revision: str | None = None
     local_dir: str | None = None  # a folder registered on this machine (e.g. a converted official checkpoint)
+    # "published" (on the Hub), "planned" (repo reserved, not uploaded yet) or "local" (registered on this machine).
+    status: str = "published"
     file: str = "model.safetensors"
     sha256: str | None = None
     modalities: tuple[str, ...] = ()

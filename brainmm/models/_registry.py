@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import json
+import logging
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ._pretrained import PretrainedCfg
+
+logger = logging.getLogger(__name__)
 
 _model_entrypoints: dict[str, Callable[..., Any]] = {}
 _model_family: dict[str, str] = {}
@@ -48,8 +54,73 @@ def register_pretrained_cfg(cfg: PretrainedCfg, *, overwrite: bool = False) -> N
     tags = _pretrained_cfgs[cfg.architecture]
     if cfg.tag in tags and tags[cfg.tag].has_weights and not overwrite:
         raise ValueError(f"Pretrained tag {cfg.name!r} already exists; pass overwrite=True to replace it.")
-    tags.pop("", None) if cfg.tag else None
+    if cfg.tag:
+        tags.pop("", None)  # an architecture with real tags no longer needs its untagged placeholder
     tags[cfg.tag] = cfg
+
+
+def _local_registry_path() -> Path:
+    """Where ``brainmm register-local`` records folders: ``$BRAINMM_HOME/local_registry.json``
+    (default ``~/.cache/brainmm``)."""
+    home = os.environ.get("BRAINMM_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "brainmm")
+    return Path(home) / "local_registry.json"
+
+
+def register_local(directory: str | Path, name: str, *, overwrite: bool = False) -> PretrainedCfg:
+    """Register a brainmm folder as the weight ``arch.tag`` on this machine (persisted), so that
+    ``create_model(name, pretrained=True)`` loads it offline."""
+    arch, tag = split_model_name_tag(name)
+    if not tag:
+        raise ValueError(f"register-local needs a name with a tag, e.g. '{arch}.brainmvp', got {name!r}.")
+    directory = Path(directory).expanduser().resolve()
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} is not a brainmm folder (no config.json); create one with "
+                                "save_pretrained or `brainmm convert-official`.")
+    config = json.loads(config_path.read_text())
+    if config.get("architecture") != arch:
+        raise ValueError(f"{str(directory)!r} holds a {config.get('architecture')!r} model, not {arch!r}.")
+    base = PretrainedCfg.from_dict(config.get("pretrained_cfg", {}))
+    cfg = base.replace(architecture=arch, tag=tag, local_dir=str(directory), hf_hub_id=None, status="local",
+                       sha256=config.get("provenance", {}).get("sha256"))
+    register_pretrained_cfg(cfg, overwrite=True if overwrite else _is_replaceable(arch, tag))
+    path = _local_registry_path()
+    entries = json.loads(path.read_text()) if path.is_file() else {}
+    entries[f"{arch}.{tag}"] = str(directory)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entries, indent=2))
+    os.replace(tmp, path)
+    return cfg
+
+
+def _is_replaceable(arch: str, tag: str) -> bool:
+    """A planned (not yet published) or local tag may be replaced by a local folder."""
+    cfg = _pretrained_cfgs.get(arch, {}).get(tag)
+    return cfg is None or cfg.status in ("planned", "local")
+
+
+def load_local_registry() -> None:
+    """Re-register the folders recorded by ``register_local`` (skipping ones that no longer exist)."""
+    path = _local_registry_path()
+    if not path.is_file():
+        return
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        logger.warning("Ignoring unreadable local registry %s: %s", path, err)
+        return
+    for name, directory in entries.items():
+        try:
+            arch, tag = split_model_name_tag(name)
+            if arch in _model_entrypoints and Path(directory, "config.json").is_file():
+                config = json.loads(Path(directory, "config.json").read_text())
+                base = PretrainedCfg.from_dict(config.get("pretrained_cfg", {}))
+                _pretrained_cfgs[arch][tag] = base.replace(
+                    architecture=arch, tag=tag, local_dir=directory, hf_hub_id=None, status="local",
+                    sha256=config.get("provenance", {}).get("sha256"))
+        except (OSError, ValueError) as err:
+            logger.warning("Skipping local weight %s (%s): %s", name, directory, err)
 
 
 def _unknown_model_message(name: str) -> str:

@@ -78,6 +78,7 @@ def _cfg(**kwargs: Any) -> PretrainedCfg:
 default_cfgs: dict[str, PretrainedCfg] = {
     "mmvp_swin.brainmvp": _cfg(
         hf_hub_id="brainmm/mmvp_swin.brainmvp",
+        status="planned",
         description="MONAI Swin 3D (feature 48) pre-trained with the three BrainMVP tasks by brainmm.",
         data="BraTS2021, BraTS2023-MEN, BraTS2023-SSA, IXI, UCSF-PDGM (SRI24 space, 1 mm)",
     ),

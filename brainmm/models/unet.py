@@ -133,6 +133,7 @@ def _cfg(**kwargs: Any) -> PretrainedCfg:
 default_cfgs: dict[str, PretrainedCfg] = {
     "mmvp_unet.brainmvp": _cfg(
         hf_hub_id="brainmm/mmvp_unet.brainmvp",
+        status="planned",
         description="Residual 3D UNet pre-trained with BrainMVP; converted from the official checkpoint.",
         data="BraTS2021, BraTS2023-MEN, BraTS2023-SSA, IXI, UCSF-PDGM (SRI24 space, 1 mm)",
     ),

@@ -212,6 +212,7 @@ def _cfg(**kwargs: Any) -> PretrainedCfg:
 default_cfgs: dict[str, PretrainedCfg] = {
     "mmvp_uniformer.brainmvp": _cfg(
         hf_hub_id="brainmm/mmvp_uniformer.brainmvp",
+        status="planned",
         description="UniFormer-S 3D pre-trained with BrainMVP (CMR + MD + MCL) on 16,022 multi-parametric brain MRI "
         "scans; converted from the official checkpoint with `brainmm convert-official`.",
         data="BraTS2021, BraTS2023-MEN, BraTS2023-SSA, IXI, UCSF-PDGM (SRI24 space, 1 mm)",

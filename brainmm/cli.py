@@ -1,0 +1,207 @@
+"""The ``brainmm`` command line. Every error is one clear line on stderr and a non-zero exit (``--debug`` shows
+the traceback)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("brainmm")
+
+# Errors that are the user's input, not a bug: printed as one line.
+_USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, NotADirectoryError, PermissionError,
+                                                 KeyError, TypeError, RuntimeError, OSError)
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    import brainmm
+
+    names = brainmm.list_models(args.filter or "", pretrained=args.pretrained)
+    if not names:
+        print(f"No {'pretrained weights' if args.pretrained else 'models'} match {args.filter!r}.")
+        return 1
+    rows = []
+    for name in names:
+        cfg = brainmm.get_pretrained_cfg(name)
+        if args.pretrained:
+            where = cfg.local_dir or cfg.hf_hub_id or "-"
+            rows.append((name, cfg.status, where, cfg.data or "-"))
+        else:
+            model = brainmm.create_model(name)
+            n = sum(p.numel() for p in model.parameters())
+            tags = brainmm.models.list_tags(name)
+            rows.append((name, f"{n / 1e6:.2f} M", ", ".join(f"{name}.{t}" for t in tags) or "-"))
+    header = ("weight", "status", "location", "data") if args.pretrained else ("model", "params", "pretrained tags")
+    print(_table([header, *rows]))
+    return 0
+
+
+def _table(rows: Sequence[Sequence[Any]]) -> str:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    import brainmm
+
+    model = brainmm.create_model(args.name, pretrained=args.pretrained, cache_dir=args.cache_dir,
+                                 revision=args.revision)
+    cfg = model.pretrained_cfg
+    n = sum(p.numel() for p in model.parameters())
+    info = {
+        "name": args.name,
+        "architecture": getattr(model, "architecture", cfg.architecture),
+        "parameters": f"{n:,} ({n / 1e6:.2f} M)",
+        "model_args": {**model.model_args, "in_chans": model.in_chans},
+        "input": f"(B, {model.in_chans}, H, W, D), spatial sizes multiples of {model.size_divisor}",
+        "modalities": list(cfg.modalities) or "modality-agnostic (1 channel, one modality at a time)",
+        "stage maps": [f"{f['num_chs']} ch @ 1/{f['reduction']}" for f in model.feature_info],
+        "pooled features": model.num_features,
+        "weights": (cfg.local_dir or cfg.hf_hub_id or "none (random init only)"),
+        "tags": brainmm.models.list_tags(getattr(model, "architecture", cfg.architecture)),
+        "preprocessing": {"orientation": cfg.orientation, "spacing": list(cfg.spacing),
+                          "foreground_crop": cfg.foreground_crop, "intensity": cfg.intensity,
+                          "atlas_size": list(cfg.atlas_size), "input_size": list(cfg.input_size)},
+        "licence": cfg.license,
+        "description": cfg.description,
+    }
+    if args.pretrained:
+        info["load report"] = model.load_report.summary()
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+    else:
+        for k, v in info.items():
+            print(f"{k:>16}: {v}")
+    return 0
+
+
+def _cmd_convert_official(args: argparse.Namespace) -> int:
+    from brainmm.convert import convert_official
+
+    out = convert_official(args.checkpoint, args.out_dir, arch=args.arch, strict=not args.allow_unmapped)
+    print(f"Wrote {out}. Load it with: brainmm.create_model('local-dir:{Path(out).resolve()}')")
+    return 0
+
+
+def _cmd_register_local(args: argparse.Namespace) -> int:
+    from brainmm.models import register_local
+
+    cfg = register_local(args.directory, args.name, overwrite=args.overwrite)
+    print(f"Registered {cfg.name} -> {cfg.local_dir}. Load it with: brainmm.create_model('{cfg.name}', "
+          "pretrained=True)")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    from brainmm import hub
+    from brainmm.models import get_pretrained_cfg
+
+    loc = hub.parse_location(args.name)
+    if loc is None:
+        cfg = get_pretrained_cfg(args.name)
+        if not cfg.hf_hub_id:
+            raise ValueError(f"{args.name!r} has no Hub weights to download (tags with weights: "
+                             f"{', '.join(__import__('brainmm').list_pretrained()) or 'none'}).")
+        loc = hub.HubLocation(repo_id=cfg.hf_hub_id, revision=args.revision or cfg.hf_hub_revision)
+    elif loc.local_dir is not None:
+        raise ValueError(f"{args.name!r} is already a local folder; nothing to download.")
+    paths = [hub.resolve_file(loc, f, cache_dir=args.cache_dir, name_for_help=args.name)
+             for f in (hub.WEIGHTS_NAME, hub.CONFIG_NAME)]
+    print(f"Cached {loc.display} at {paths[0].parent}")
+    return 0
+
+
+def _cmd_features(args: argparse.Namespace) -> int:
+    from brainmm.features import extract_features_to_file
+
+    out = extract_features_to_file(args.model, args.input, args.output, modalities=args.modalities,
+                                   pretrained=not args.random_init, device=args.device)
+    print(f"Wrote {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="brainmm",
+        description="BrainMVP multi-modal pre-training for 3D brain MRI: encoders, weights, pre-training.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("list", _cmd_list, "list registered models (or pretrained weights) matching an optional filter")
+    p.add_argument("filter", nargs="?", default="", help="fnmatch pattern, e.g. 'mmvp_*'")
+    p.add_argument("--pretrained", action="store_true", help="list 'arch.tag' weights instead of architectures")
+
+    p = add("info", _cmd_info, "print a model's configuration, parameters, modalities and preprocessing")
+    p.add_argument("name", help="arch, arch.tag, hf-hub:org/repo[@rev] or local-dir:PATH")
+    p.add_argument("--pretrained", action="store_true", help="also load the weights and print the load report")
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    p.add_argument("--cache-dir", default=None, help="Hugging Face cache folder")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = add("convert-official", _cmd_convert_official,
+            "convert an official BrainMVP checkpoint (.pt) into a brainmm folder (safetensors + config + card)")
+    p.add_argument("checkpoint", help="official checkpoint, e.g. model_final.pt (with or without 'module.')")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--arch", choices=["mmvp_uniformer", "mmvp_unet"], default=None,
+                   help="architecture (detected from the keys when omitted)")
+    p.add_argument("--allow-unmapped", action="store_true", help="convert even if some keys map to nothing")
+
+    p = add("register-local", _cmd_register_local,
+            "register a brainmm folder (e.g. a converted official checkpoint) as a pretrained tag on this machine")
+    p.add_argument("directory", help="folder with model.safetensors + config.json")
+    p.add_argument("--name", required=True, help="arch.tag, e.g. mmvp_uniformer.brainmvp")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tag of the same name")
+
+    p = add("download", _cmd_download, "download a weight into the Hugging Face cache (for later offline use)")
+    p.add_argument("name", help="arch.tag or hf-hub:org/repo[@rev]")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--cache-dir", default=None)
+
+    p = add("features", _cmd_features, "extract pooled and per-stage features of a study or NIfTI file")
+    p.add_argument("--model", required=True, help="arch[.tag], hf-hub:... or local-dir:...")
+    p.add_argument("--input", required=True, help="a NIfTI file or a study folder (BraTS/BIDS naming)")
+    p.add_argument("--output", required=True, help="output .npz")
+    p.add_argument("--modalities", nargs="+", default=None,
+                   help="modality of each input (a NIfTI file needs one; a folder's are detected)")
+    p.add_argument("--random-init", action="store_true", help="do not load pretrained weights (for testing)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("brainmm: interrupted", file=sys.stderr)
+        return 130
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"brainmm {args.command}: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
