@@ -127,6 +127,62 @@ def _cmd_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from brainmm.data.synthetic import write_synthetic_dataset
+
+    out = write_synthetic_dataset(args.out_dir, n_studies=args.studies, shape=tuple(args.shape), seed=args.seed,
+                                  missing_prob=args.missing_prob, overwrite=args.overwrite)
+    print(f"Wrote {args.studies} synthetic studies ({'x'.join(map(str, args.shape))}, BraTS-2023 naming) to {out}")
+    return 0
+
+
+def _cmd_check_data(args: argparse.Namespace) -> int:
+    from brainmm.data.check import check_studies
+    from brainmm.data.datasets import discover_studies
+
+    studies = discover_studies(args.data)
+    report = check_studies(studies, crop_size=tuple(args.crop), atlas_size=tuple(args.atlas),
+                           read_values=not args.headers_only, num_workers=args.workers)
+    print(report.format_table())
+    if not report.ok:
+        for line in report.problems:
+            print(line, file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from brainmm.pretrain.config import PretrainConfig, demo_config
+    from brainmm.pretrain.trainer import pretrain
+
+    if args.config:
+        cfg = PretrainConfig.from_yaml(args.config)
+    elif args.data == "demo":
+        cfg = demo_config()
+    else:
+        cfg = PretrainConfig()
+    overrides: dict[str, Any] = {}
+    for key in ("data", "arch", "out", "epochs", "max_steps", "batch_size", "accumulation", "lr", "precision",
+                "num_workers", "seed", "device"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = value
+    if args.crop is not None:
+        overrides["crop_size"] = list(args.crop)
+    if args.mask_ratio is not None:
+        overrides["objective.mask_ratio"] = args.mask_ratio
+    if args.grad_checkpointing:
+        overrides["grad_checkpointing"] = True
+    if args.compile:
+        overrides["compile"] = True
+    cfg = cfg.with_overrides(overrides).with_overrides(args.set or [])
+    export = pretrain(cfg, resume=args.resume, show_progress=not args.no_progress)
+    if int(__import__("os").environ.get("RANK", 0)) == 0:
+        print(f"Exported the pre-trained encoder, templates and decoder to {export}. Load it with: "
+              f"brainmm.create_model('local-dir:{Path(export).resolve()}')")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainmm",
@@ -178,6 +234,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality of each input (a NIfTI file needs one; a folder's are detected)")
     p.add_argument("--random-init", action="store_true", help="do not load pretrained weights (for testing)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+    p = add("synth", _cmd_synth, "write a synthetic multi-parametric brain-phantom dataset (NIfTI, BraTS-2023 names)")
+    p.add_argument("out_dir", help="output folder")
+    p.add_argument("--studies", type=int, default=24, help="number of studies (default 24)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 48), metavar=("H", "W", "D"),
+                   help="grid size in voxels (1 mm); 240 240 155 for the SRI24 grid (default 64 64 48)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--missing-prob", type=float, default=0.2, help="probability that a modality is missing")
+    p.add_argument("--overwrite", action="store_true", help="rewrite an existing dataset")
+
+    p = add("check-data", _cmd_check_data,
+            "validate every study of a dataset before a long run (readable, 3-D, same grid, finite, not empty)")
+    p.add_argument("data", help="a BraTS/BIDS folder, a BrainMVP json list, or a CSV/JSON manifest")
+    p.add_argument("--crop", type=int, nargs=3, default=(96, 96, 96), metavar=("H", "W", "D"))
+    p.add_argument("--atlas", type=int, nargs=3, default=(240, 240, 155), metavar=("H", "W", "D"))
+    p.add_argument("--headers-only", action="store_true", help="check headers only (fast; skips value checks)")
+    p.add_argument("--workers", type=int, default=2, help="reader threads")
+
+    p = add("pretrain", _cmd_pretrain, "pre-train an encoder with the three BrainMVP proxy tasks "
+            "(torchrun --nproc_per_node N -m brainmm pretrain ... for several GPUs)")
+    p.add_argument("--data", default=None, help="dataset path, or 'demo' to synthesise phantoms (default: demo)")
+    p.add_argument("--arch", default=None, help="encoder architecture (default mmvp_uniformer; demo: *_tiny)")
+    p.add_argument("--config", default=None, help="YAML file of settings (see brainmm.pretrain.PretrainConfig)")
+    p.add_argument("--out", default=None, help="run folder (checkpoints, TensorBoard, previews, export)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--batch-size", type=int, default=None, help="per process")
+    p.add_argument("--accumulation", type=int, default=None, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--crop", type=int, nargs=3, default=None, metavar=("H", "W", "D"))
+    p.add_argument("--mask-ratio", type=float, default=None, help="0.8 (official code) or 0.875 (paper)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"], default=None)
+    p.add_argument("--num-workers", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing (less memory)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
+                   help="any other setting, e.g. objective.contrastive_start_epoch=500 warmup_steps=100")
 
     return parser
 

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,6 @@ class Study:
     images: dict[str, Path]
     label: Path | None = None
     class_label: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.study_id or not isinstance(self.study_id, str):
@@ -158,7 +157,8 @@ def _read_class_csv(path: Path) -> dict[str, str]:
         id_col = next((c for c in ("study_id", "id") if c in cols), None)
         if id_col is None or "class" not in cols:
             raise ValueError(f"{path}: expected columns 'study_id' and 'class', found {cols}.")
-        return {row[id_col].strip(): row["class"].strip() for row in reader if row.get(id_col) and row.get("class")}
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    return {r[id_col]: r["class"] for r in rows if r.get(id_col) and r.get("class")}
 
 
 def _sorted_unique(studies: Iterable[Study], source: Path) -> list[Study]:

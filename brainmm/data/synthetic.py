@@ -54,7 +54,7 @@ _TISSUE_CONTRAST: dict[str, tuple[float, ...]] = {
 _LESION_CONTRAST: dict[str, tuple[float, float, float, float]] = {
     "flair": (0.50, 0.95, 0.75, 0.85),
     "t1":    (0.30, 0.55, 0.50, 0.45),
-    "t1c":   (0.30, 0.58, 1.00, 0.48),
+    "t1c":   (0.30, 0.58, 1.30, 0.48),
     "t2":    (0.92, 0.80, 0.68, 0.80),
     "mra":   (0.15, 0.24, 0.45, 0.22),
     "pd":    (0.92, 0.85, 0.80, 0.82),
@@ -147,13 +147,14 @@ def _anatomy(rng: np.random.Generator, axes: Sequence[np.ndarray]) -> tuple[np.n
     tissue[rh <= _R_SKULL] = _T["skull"]
     tissue[rh <= _R_CSF] = _T["csf"]
     brain = rh <= _R_BRAIN
-    # Cortical ribbon of varying thickness (gyri), cut by sulci filled with CSF.
-    gyri = _random_field(rng, axes, 10, (14.0, 22.0))
-    wm_edge = _R_BRAIN - 0.11 * (1.0 + 0.5 * gyri)
-    tissue[brain] = _T["gm"]
-    tissue[brain & (rh <= wm_edge)] = _T["wm"]
-    sulci = _random_field(rng, axes, 10, (14.0, 22.0))
-    tissue[brain & (rh > wm_edge) & (sulci > 1.0)] = _T["csf"]
+    # Cortex: sulci are thin CSF sheets along the zero set of a folding field, reaching ``depth`` below the brain
+    # surface; grey matter lines the surface and both walls of every sulcus; gyral cores are white matter.
+    fold = _random_field(rng, axes, 16, (18.0, 28.0))
+    depth = 0.17 * (1.0 + 0.25 * _random_field(rng, axes, 4, (2.0, 4.0)))
+    cortex = brain & (rh > _R_BRAIN - depth)
+    tissue[brain] = _T["wm"]
+    tissue[(cortex & (np.abs(fold) < 0.75)) | (brain & (rh > _R_BRAIN - 0.045))] = _T["gm"]
+    tissue[cortex & (np.abs(fold) < 0.12)] = _T["csf"]
     # Interhemispheric fissure above the ventricles.
     tissue[brain & (np.abs(x) < 0.015) & (z > 0.1) & (rh > 0.35)] = _T["csf"]
     # Deep grey nuclei (thalamus / basal ganglia) and lateral ventricles, mirrored about the midline.
@@ -178,13 +179,13 @@ def _tumour(rng: np.random.Generator, axes: Sequence[np.ndarray], tissue: np.nda
     side = rng.choice([-1.0, 1.0])
     centre = (side * rng.uniform(0.2, 0.4), rng.uniform(-0.3, 0.3), rng.uniform(-0.05, 0.3))
     radius = rng.uniform(0.16, 0.22)
-    rt = _ellipsoid((x, y, z), centre, (radius,) * 3) * (1.0 + 0.12 * _random_field(rng, axes, 6, (6.0, 12.0)))
+    rt = _ellipsoid((x, y, z), centre, (radius,) * 3) * (1.0 + 0.15 * _random_field(rng, axes, 6, (4.0, 9.0)))
     brain = rh <= _R_BRAIN
     label = np.zeros(tissue.shape, np.uint8)
     label[brain & (rt < 1.0 + 0.6) & (tissue == _T["wm"])] = _SNFH
     label[brain & (rt < 1.0 + 0.15) & (tissue == _T["gm"])] = _SNFH
     label[brain & (rt < 0.8)] = _ET
-    label[brain & (rt < 0.55)] = _NETC
+    label[brain & (rt < 0.45)] = _NETC
     return label
 
 
@@ -206,34 +207,37 @@ def _stroke(rng: np.random.Generator, axes: Sequence[np.ndarray], tissue: np.nda
 # imaging
 
 
+def _region_codes(tissue: np.ndarray, label: np.ndarray, lesion: np.ndarray) -> np.ndarray:
+    """One uint8 code per voxel: tissue index, or ``len(TISSUES) + k`` for lesion class k (NETC, SNFH, ET, stroke).
+
+    Computed once per study so that each modality is a single lookup-table gather.
+    """
+    codes = tissue.copy()
+    n = len(TISSUES)
+    codes[label == _NETC] = n
+    codes[label == _SNFH] = n + 1
+    codes[label == _ET] = n + 2
+    codes[lesion > 0] = n + 3
+    return codes
+
+
 def _image(
-    rng: np.random.Generator,
-    modality: str,
-    tissue: np.ndarray,
-    label: np.ndarray,
-    lesion: np.ndarray,
-    texture: np.ndarray,
-    axes: Sequence[np.ndarray],
+    rng: np.random.Generator, modality: str, codes: np.ndarray, texture: np.ndarray, axes: Sequence[np.ndarray]
 ) -> np.ndarray:
     """One scan ``(H, W, D)`` float32: contrast lookup, partial-volume blur, bias field, scale, Rician noise."""
-    # Per-study contrast jitter (few %) keeps orderings while making studies differ.
-    lut = np.asarray(_TISSUE_CONTRAST[modality], np.float32) * np.exp(
-        np.clip(rng.normal(0.0, 0.03, len(TISSUES)), -0.06, 0.06)).astype(np.float32)
-    img = lut[tissue]
-    netc, snfh, et, infarct = _LESION_CONTRAST[modality]
-    for value, mask in ((snfh, label == _SNFH), (et, label == _ET), (netc, label == _NETC), (infarct, lesion > 0)):
-        if mask.any():
-            img[mask] = value
-    img *= 1.0 + 0.03 * texture
+    # Per-study contrast jitter (a few %) keeps the tissue orderings while making studies differ.
+    jitter = np.exp(np.clip(rng.normal(0.0, 0.03, len(TISSUES) + 4), -0.06, 0.06))
+    lut = (np.asarray(_TISSUE_CONTRAST[modality] + _LESION_CONTRAST[modality]) * jitter).astype(np.float32)
+    img = lut[codes]
+    img *= texture
     img = ndimage.gaussian_filter(img, sigma=0.6, truncate=2.0)  # partial-volume effect at tissue boundaries
-    bias = np.exp(rng.uniform(0.05, 0.2) * _random_field(rng, axes, 4, (0.5, 2.0)))
-    scale = np.float32(np.exp(rng.uniform(np.log(200.0), np.log(2000.0))))
-    img *= bias * scale
+    scale = np.exp(rng.uniform(np.log(200.0), np.log(2000.0)))
+    # Smooth multiplicative bias field (coil sensitivity), a different one per scan.
+    img *= np.exp(rng.uniform(0.05, 0.2) * _random_field(rng, axes, 4, (0.5, 2.0)) + np.float32(np.log(scale)))
     sigma = np.float32(rng.uniform(0.015, 0.035) * scale)
     # Rician noise: magnitude of a complex signal with Gaussian noise on both channels.
-    real = img + sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    imag = sigma * rng.standard_normal(img.shape, dtype=np.float32)
-    return np.hypot(real, imag).astype(np.float32)
+    img += sigma * rng.standard_normal(img.shape, dtype=np.float32)
+    return np.hypot(img, sigma * rng.standard_normal(img.shape, dtype=np.float32))
 
 
 def _affine(shape: Sequence[int], spacing: Sequence[float]) -> np.ndarray:
@@ -292,8 +296,9 @@ def synthesize_study(
         missing = np.flatnonzero(~present)
         present[rng_presence.choice(missing, size=need - int(present.sum()), replace=False)] = True
     chosen = [m for m, keep in zip(mods, present, strict=True) if keep]
-    images = {m: _image(rng_mods[MODALITIES.index(m)], m, tissue, label, lesion, texture, axes)
-              for m in MODALITIES if m in chosen}
+    codes = _region_codes(tissue, label, lesion)
+    texture = 1.0 + 0.03 * texture  # mild intra-tissue inhomogeneity, shared by all scans (it is anatomy)
+    images = {m: _image(rng_mods[MODALITIES.index(m)], m, codes, texture, axes) for m in MODALITIES if m in chosen}
     return SyntheticStudy(images=images, label=label, lesion=lesion, tissue=tissue, kind=kind,
                           affine=_affine(shape_t, spacing_t), seed=int(seed))
 
@@ -346,6 +351,7 @@ def write_synthetic_dataset(
     modalities: Sequence[str] = MODALITIES,
     kinds: Sequence[str] | None = None,
     prefix: str = "BraTS-SYN",
+    image_dtype: str = "int16",
     overwrite: bool = False,
 ) -> Path:
     """Write ``n_studies`` phantoms as a BraTS-2023-style folder and return ``out_dir``.
@@ -354,8 +360,10 @@ def write_synthetic_dataset(
     modalities have no file; ``-seg`` always exists, all zero for non-tumour studies), ``labels.csv``
     (``study_id,class``) and ``dataset.json`` (generator version and parameters, per-study seed/kind/modalities).
     Study ``i`` has seed ``SeedSequence([seed, i])`` and kind ``kinds[i]`` (default: ``CLASS_NAMES[i % 3]``, i.e.
-    balanced classes). ``dataset.json`` is written last and marks completion: a complete dataset with the same
-    parameters is left untouched; different parameters raise ``FileExistsError`` unless ``overwrite``.
+    balanced classes). Images are stored as ``image_dtype``: int16 (rounded; like most scanner output, and 4x faster
+    to gzip than float32 noise) or float32 (bit-exact). ``dataset.json`` is written last and marks completion: a
+    complete dataset with the same parameters is left untouched; different parameters raise ``FileExistsError``
+    unless ``overwrite``.
     """
     out = Path(out_dir)
     if n_studies < 1:
@@ -365,11 +373,14 @@ def write_synthetic_dataset(
     if kinds is None:
         kinds = [CLASS_NAMES[i % len(CLASS_NAMES)] for i in range(n_studies)]
     kinds = list(kinds)
+    if image_dtype not in ("int16", "float32"):
+        raise ValueError(f"image_dtype must be 'int16' or 'float32', got {image_dtype!r}.")
     if len(kinds) != n_studies or any(k not in CLASS_NAMES for k in kinds):
         raise ValueError(f"kinds must list {n_studies} values from {', '.join(CLASS_NAMES)}, got {kinds}.")
     params = {"generator": "brainmm.data.synthetic", "version": GENERATOR_VERSION, "seed": int(seed),
               "n_studies": int(n_studies), "shape": list(shape_t), "spacing": list(spacing_t),
-              "missing_prob": float(missing_prob), "modalities": list(mods), "kinds": kinds, "prefix": prefix}
+              "missing_prob": float(missing_prob), "modalities": list(mods), "kinds": kinds, "prefix": prefix,
+              "image_dtype": image_dtype}
 
     marker = out / "dataset.json"
     if marker.is_file():
@@ -402,6 +413,8 @@ def write_synthetic_dataset(
         files = []
         for mod, arr in s.images.items():
             name = f"{study_id}-{BRATS2023_SUFFIXES[mod]}.nii.gz"
+            if image_dtype == "int16":  # intensities are < 2^15 by construction (scale <= 2000, contrast <= 1.3)
+                arr = np.clip(np.rint(arr), 0, np.iinfo(np.int16).max).astype(np.int16)
             _save_nifti_atomic(arr, s.affine, folder / name)
             files.append(f"{study_id}/{name}")
         name = f"{study_id}-seg.nii.gz"

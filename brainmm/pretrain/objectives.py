@@ -186,6 +186,13 @@ class BrainMVPObjective(nn.Module):
     def templates(self) -> ModalityTemplates:
         return self.distill.templates
 
+    def unused_parameter_guard(self) -> torch.Tensor:
+        """``0 x sum(projector)`` while the contrastive task is off, so DDP never sees unused parameters (the
+        official code needed find_unused_parameters). Exactly zero; costs one tiny reduction."""
+        if self.contrastive.projector is None:
+            return torch.zeros((), device=self.templates.weight.device)
+        return 0.0 * sum(p.sum() for p in self.contrastive.projector.parameters())
+
     def choose_modalities(self, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows to train on: ``(sample_index (R,), modality (R,))`` on the CPU."""
         b = present.shape[0]
