@@ -276,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                    help="any other setting, e.g. objective.contrastive_start_epoch=500 warmup_steps=100")
 
+    # Subcommands of other areas register themselves through the same `add` (their modules import lazily).
+    from brainmm.adapters import commands as adapter_commands
+
+    adapter_commands.register(add)
     return parser
 
 
