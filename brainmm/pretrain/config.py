@@ -48,7 +48,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.objective, dict):
-            self.objective = ObjectiveConfig(**self.objective)
+            self.objective = ObjectiveConfig(**_coerce(ObjectiveConfig, self.objective))
+        for k, v in _coerce(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).items():
+            setattr(self, k, v)
         self.crop_size = tuple(int(c) for c in self.crop_size)  # type: ignore[assignment]
         self.atlas_size = tuple(int(c) for c in self.atlas_size)  # type: ignore[assignment]
         checks = [
@@ -110,6 +112,20 @@ class PretrainConfig:
                 raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(target))}.")
             target[parts[-1]] = value
         return PretrainConfig.from_dict(d)
+
+
+def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """YAML 1.1 reads ``3e-4`` as a string: convert strings of numeric settings to the default's type."""
+    out = dict(values)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    for k, v in values.items():
+        d = defaults.get(k)
+        if isinstance(v, str) and isinstance(d, (int, float)) and not isinstance(d, bool):
+            try:
+                out[k] = type(d)(float(v)) if isinstance(d, float) else int(v)
+            except ValueError as err:
+                raise ValueError(f"Setting {k!r} must be a number, got {v!r}.") from err
+    return out
 
 
 def _split_override(item: str) -> tuple[str, Any]:
