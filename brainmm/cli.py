@@ -37,8 +37,14 @@ def _cmd_list(args: argparse.Namespace) -> int:
             tags = brainmm.models.list_tags(name)
             rows.append((name, f"{n / 1e6:.2f} M", ", ".join(f"{name}.{t}" for t in tags) or "-"))
     header = ("weight", "status", "location", "data") if args.pretrained else ("model", "params", "pretrained tags")
-    print(_table([header, *rows]))
+    print(_markdown([header, *rows]) if args.markdown else _table([header, *rows]))
     return 0
+
+
+def _markdown(rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
+    return "\n".join(lines)
 
 
 def _table(rows: Sequence[Sequence[Any]]) -> str:
@@ -122,7 +128,7 @@ def _cmd_features(args: argparse.Namespace) -> int:
     from brainmm.features import extract_features_to_file
 
     out = extract_features_to_file(args.model, args.input, args.output, modalities=args.modalities,
-                                   pretrained=not args.random_init, device=args.device)
+                                   pretrained=not args.random_init, device=args.device, save_maps=args.save_maps)
     print(f"Wrote {out}")
     return 0
 
@@ -199,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("list", _cmd_list, "list registered models (or pretrained weights) matching an optional filter")
     p.add_argument("filter", nargs="?", default="", help="fnmatch pattern, e.g. 'mmvp_*'")
     p.add_argument("--pretrained", action="store_true", help="list 'arch.tag' weights instead of architectures")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table (as in the README)")
 
     p = add("info", _cmd_info, "print a model's configuration, parameters, modalities and preprocessing")
     p.add_argument("name", help="arch, arch.tag, hf-hub:org/repo[@rev] or local-dir:PATH")
@@ -234,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="modality of each input (a NIfTI file needs one; a folder's are detected)")
     p.add_argument("--random-init", action="store_true", help="do not load pretrained weights (for testing)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--save-maps", action="store_true", help="also store the stage maps (float16; large)")
 
     p = add("synth", _cmd_synth, "write a synthetic multi-parametric brain-phantom dataset (NIfTI, BraTS-2023 names)")
     p.add_argument("out_dir", help="output folder")
