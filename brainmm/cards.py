@@ -57,7 +57,7 @@ def render_card(config: dict[str, Any], *, repo_id: str | None = None, recipe: s
     kwargs = dict(
         model_name=repo_id or (f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch),
         description=cfg.get("description") or f"A brainmm `{arch}` {model_type}.",
-        load_name=f"hf-hub:{repo_id}" if repo_id else (f"{arch}.{cfg['tag']}" if cfg.get("tag") else arch),
+        load_name=_load_name(repo_id, cfg, arch, extra.pop("directory", None)),
         modalities=mods,
         modalities_text=", ".join(mods) if mods else "1 (modality-agnostic: one modality at a time)",
         architecture=arch,
@@ -80,10 +80,26 @@ def render_card(config: dict[str, Any], *, repo_id: str | None = None, recipe: s
         git_commit=config.get("provenance", {}).get("git_commit"),
         sha256=config.get("provenance", {}).get("sha256", "recorded in config.json"),
         citation=cfg.get("citation", ""),
+        modality_use=(f"Input channels, in order: {', '.join(mods)}." if mods else
+                      "Modality-agnostic: it encodes one MRI modality per channel-1 input (any of flair, t1, t1c, "
+                      "t2, mra, pd, dwi, adc); for several modalities build a multi-channel stem with modalities=."),
+        templates_image="templates.png" if contents.get("templates") else None,
+        config_hash=config.get("provenance", {}).get("config_hash"),
     )
     kwargs.update(extra)
     card = ModelCard.from_template(card_data, template_path=str(template_path(model_type)), **kwargs)
     return str(card)
+
+
+def _load_name(repo_id: str | None, cfg: dict[str, Any], arch: str, directory: Any) -> str:
+    """What a user types to load this weight: the Hub repo, the registered tag, or the folder itself."""
+    if repo_id:
+        return f"hf-hub:{repo_id}"
+    if cfg.get("hf_hub_id") and cfg.get("tag"):
+        return f"{arch}.{cfg['tag']}"
+    if directory is not None:
+        return f"local-dir:{directory}"
+    return arch
 
 
 def _intensity_text(intensity: dict[str, Any]) -> str:

@@ -30,15 +30,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
         cfg = brainmm.get_pretrained_cfg(name)
         if args.pretrained:
             where = cfg.local_dir or cfg.hf_hub_id or "-"
-            rows.append((name, cfg.status, where, cfg.data or "-"))
+            rows.append((name, cfg.status, _is_available(cfg), cfg.license, where, cfg.data or "-"))
         else:
             model = brainmm.create_model(name)
             n = sum(p.numel() for p in model.parameters())
             tags = brainmm.models.list_tags(name)
             rows.append((name, f"{n / 1e6:.2f} M", ", ".join(f"{name}.{t}" for t in tags) or "-"))
-    header = ("weight", "status", "location", "data") if args.pretrained else ("model", "params", "pretrained tags")
+    if args.pretrained:
+        header: tuple[str, ...] = ("weight", "status", "local", "licence", "location", "data")
+    else:
+        header = ("model", "params", "pretrained tags")
     print(_markdown([header, *rows]) if args.markdown else _table([header, *rows]))
     return 0
+
+
+def _is_available(cfg: Any) -> str:
+    """Whether a weight can be loaded offline now: a registered folder, or the file in the Hugging Face cache."""
+    if cfg.local_dir:
+        return "yes" if Path(cfg.local_dir, cfg.file).is_file() else "missing"
+    from huggingface_hub import try_to_load_from_cache
+
+    hit = try_to_load_from_cache(cfg.hf_hub_id, cfg.file, revision=cfg.hf_hub_revision)
+    return "cached" if isinstance(hit, str) else "no"
 
 
 def _markdown(rows: Sequence[Sequence[Any]]) -> str:
@@ -71,6 +84,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
         "stage maps": [f"{f['num_chs']} ch @ 1/{f['reduction']}" for f in model.feature_info],
         "pooled features": model.num_features,
         "weights": (cfg.local_dir or cfg.hf_hub_id or "none (random init only)"),
+        "status": f"{cfg.status}; offline: {_is_available(cfg)}" if cfg.has_weights else "-",
+        "data": cfg.data or "-",
+        "metrics": cfg.metrics or "-",
+        "sha256": cfg.sha256 or "-",
         "tags": brainmm.models.list_tags(getattr(model, "architecture", cfg.architecture)),
         "preprocessing": {"orientation": cfg.orientation, "spacing": list(cfg.spacing),
                           "foreground_crop": cfg.foreground_crop, "intensity": cfg.intensity,
@@ -92,6 +109,14 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
     from brainmm.convert import convert_official
 
     out = convert_official(args.checkpoint, args.out_dir, arch=args.arch, strict=not args.allow_unmapped)
+    print(f"Wrote {out}. Load it with: brainmm.create_model('local-dir:{Path(out).resolve()}')")
+    return 0
+
+
+def _cmd_convert_monai_swin(args: argparse.Namespace) -> int:
+    from brainmm.convert import convert_monai_swin
+
+    out = convert_monai_swin(args.checkpoint, args.out_dir, strict=not args.allow_unmapped)
     print(f"Wrote {out}. Load it with: brainmm.create_model('local-dir:{Path(out).resolve()}')")
     return 0
 
@@ -220,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="output folder")
     p.add_argument("--arch", choices=["mmvp_uniformer", "mmvp_unet"], default=None,
                    help="architecture (detected from the keys when omitted)")
+    p.add_argument("--allow-unmapped", action="store_true", help="convert even if some keys map to nothing")
+
+    p = add("convert-monai-swin", _cmd_convert_monai_swin,
+            "convert MONAI SwinUNETR self-supervised weights (model_swinvit.pt) into an mmvp_swin folder")
+    p.add_argument("checkpoint", help="model_swinvit.pt (with or without module./swin_vit. prefixes)")
+    p.add_argument("out_dir", help="output folder")
     p.add_argument("--allow-unmapped", action="store_true", help="convert even if some keys map to nothing")
 
     p = add("register-local", _cmd_register_local,

@@ -150,3 +150,53 @@ def convert_official(checkpoint: str | Path, out_dir: str | Path, *, arch: str |
                               card={"recipe": recipe})
     logger.info("%s; %s", res.summary(), report.summary().splitlines()[0])
     return out
+
+
+# ---------------------------------------------------------------------------------------------- MONAI SwinUNETR
+_SWIN_PREFIXES = ("module.", "swin_vit.", "swinViT.", "model.")
+_SWIN_SSL_HEADS = re.compile(r"^(rotation_pre|rotation_head|contrastive_pre|contrastive_head|conv|norm)\b")
+
+
+def convert_monai_swin_state_dict(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Map MONAI Swin weights (the self-supervised ``model_swinvit.pt`` layout or a bare ``swinViT`` state dict,
+    with or without ``module.`` / ``swin_vit.`` / ``swinViT.`` prefixes, old ``mlp.fc1/fc2`` or new
+    ``mlp.linear1/linear2`` names) to ``mmvp_swin`` keys. Returns (encoder tensors, dropped SSL-head keys, unmapped)."""
+    encoder, dropped, unmapped = {}, [], []
+    for key, value in sd.items():
+        k = key
+        changed = True
+        while changed:  # prefixes can stack, e.g. "module.swinViT."
+            changed = False
+            for p in _SWIN_PREFIXES:
+                if k.startswith(p):
+                    k, changed = k[len(p):], True
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        if k.startswith(("patch_embed.", "layers1.", "layers2.", "layers3.", "layers4.")):
+            encoder[k] = value
+        elif _SWIN_SSL_HEADS.match(k):
+            dropped.append(key)
+        else:
+            unmapped.append(key)
+    return encoder, dropped, unmapped
+
+
+def convert_monai_swin(checkpoint: str | Path, out_dir: str | Path, *, arch: str = "mmvp_swin",
+                       strict: bool = True) -> Path:
+    """Convert MONAI SwinUNETR self-supervised weights (``model_swinvit.pt``) into an ``mmvp_swin`` folder."""
+    from . import hub
+    from .models import create_model, load_encoder_weights
+
+    sd, meta = load_official_checkpoint(checkpoint)
+    encoder_sd, dropped, unmapped = convert_monai_swin_state_dict(sd)
+    if unmapped and strict:
+        raise ValueError(f"{len(unmapped)} key(s) of {str(checkpoint)!r} are not MONAI Swin weights: {unmapped[:8]}.")
+    in_chans = encoder_sd["patch_embed.proj.weight"].shape[1] if "patch_embed.proj.weight" in encoder_sd else 1
+    feature = encoder_sd["patch_embed.proj.weight"].shape[0] if "patch_embed.proj.weight" in encoder_sd else 48
+    model = create_model(arch, in_chans=in_chans, feature_size=feature)
+    model.pretrained_cfg = model.pretrained_cfg.replace(tag="", status="local", hf_hub_id=None, description=(
+        "MONAI SwinUNETR self-supervised Swin 3D weights converted with `brainmm convert-monai-swin`."), data="")
+    load_encoder_weights(model, encoder_sd, source=str(checkpoint), strict=True)
+    provenance = {"converted_from": Path(checkpoint).name, "source_sha256": hub.sha256_file(checkpoint),
+                  "dropped_ssl_head_keys": dropped, "source_metadata": meta}
+    return hub.save_pretrained(model, out_dir, provenance=provenance,
+                               card={"recipe": "Converted from MONAI's SwinUNETR self-supervised weights."})

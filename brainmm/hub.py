@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 CARD_NAME = "README.md"
+TEMPLATES_PNG = "templates.png"  # axial mid-slices of the learned templates, shown on the model card
 FORMAT_VERSION = 1
 HF_HUB_PREFIX = "hf-hub:"
 LOCAL_DIR_PREFIX = "local-dir:"
@@ -102,11 +103,42 @@ def download_file(repo_id: str, filename: str, *, revision: str | None = None, c
             "or pass checkpoint_path= to a local model.safetensors",
         ]
         reason = "not in the local cache and HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {err}"
+        if filename == WEIGHTS_NAME:
+            # Only ask the Hub for a listing when it answered (the file is missing), not when it is unreachable.
+            reachable = isinstance(err, EntryNotFoundError) and not offline
+            pickles = _pickle_files(repo_id, revision=revision, cache_dir=cache_dir, list_remote=reachable)
+            if pickles:
+                raise WeightsNotFoundError(
+                    f"Hub repo {repo_id!r} offers only pickle weights {pickles}, no {WEIGHTS_NAME}. brainmm never "
+                    "loads pickle files from the Hub: download the checkpoint yourself and convert it with "
+                    "`brainmm convert-official` (BrainMVP) or `brainmm convert-monai-swin` (MONAI SwinUNETR)."
+                ) from err
         raise WeightsNotFoundError(
             f"Could not get {filename!r} of Hub repo {where!r}"
             f"{' (cache ' + str(cache_dir) + ')' if cache_dir else ''}: {reason}. To fix: {'; '.join(fixes)}."
         ) from err
     return Path(path)
+
+
+def _pickle_files(repo_id: str, *, revision: str | None, cache_dir: str | Path | None,
+                  list_remote: bool) -> list[str]:
+    """Pickle weight files a repo offers: from the local cache, and from the repo listing when online."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = []
+    for name in PICKLE_NAMES:
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        if isinstance(hit, str):
+            found.append(name)
+    if not found and list_remote:
+        try:
+            from huggingface_hub import HfApi
+
+            files = HfApi().list_repo_files(repo_id, revision=revision)
+        except Exception:  # noqa: BLE001  (best effort: the caller raises the original error anyway)
+            files = []
+        found = [f for f in files if f.endswith((".bin", ".pt", ".pth", ".ckpt"))]
+    return found
 
 
 def resolve_file(loc: HubLocation, filename: str, *, cache_dir: str | Path | None = None,
@@ -279,13 +311,17 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, templates:
                                                   "architecture": str(config["architecture"])})
     config["provenance"]["sha256"] = sha256_file(weights)
     write_json(directory / CONFIG_NAME, config)
+    if template_names:
+        from .visualize import save_templates_png
+
+        save_templates_png({m: tensors[f"templates.{m}"] for m in template_names}, directory / TEMPLATES_PNG)
     card_path = directory / CARD_NAME
     if card_path.exists():
         logger.info("Keeping the existing model card %s (never overwritten).", card_path)
     else:
         from .cards import render_card
 
-        facts = {"num_params": sum(p.numel() for p in model.parameters()),
+        facts = {"num_params": sum(p.numel() for p in model.parameters()), "directory": str(directory),
                  "feature_info": getattr(model, "feature_info", None),
                  "size_divisor": getattr(model, "size_divisor", "the model's total stride"),
                  "num_features": getattr(model, "num_features", "-")}

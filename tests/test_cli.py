@@ -30,7 +30,8 @@ def test_list_and_filter(capsys):
     assert main(["list", "mmvp_swin*"]) == 0
     assert "mmvp_unet" not in capsys.readouterr().out
     assert main(["list", "--pretrained"]) == 0
-    assert "mmvp_uniformer.brainmvp  planned" in capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["mmvp_uniformer.brainmvp"][1:4] == ["planned", "no", "apache-2.0"]
 
 
 def test_info(capsys):
@@ -64,7 +65,8 @@ def test_convert_official_then_register_local_and_load(tmp_path, capsys, monkeyp
     model = brainmm.create_model("mmvp_unet.brainmvp", pretrained=True)
     assert model.load_report.source.startswith("local-dir:") and not model.load_report.initialised
     assert main(["list", "--pretrained"]) == 0
-    assert "mmvp_unet.brainmvp       local" in capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["mmvp_unet.brainmvp"][1:3] == ["local", "yes"]
 
 
 def test_features_of_a_study_folder_and_a_file(dataset, tmp_path, capsys):

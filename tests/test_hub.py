@@ -221,3 +221,16 @@ def test_register_local_makes_a_tag_loadable_offline(tmp_path, monkeypatch, offl
     assert recorded == {"mmvp_unet_tiny.mine": str((tmp_path / "w").resolve())}
     with pytest.raises(ValueError, match="not 'mmvp_swin'"):
         _registry.register_local(tmp_path / "w", "mmvp_swin.mine")
+
+
+def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, offline):
+    """A cached repo that offers pytorch_model.bin but no model.safetensors: refused, pointing to the converters."""
+    folder = tmp_path / "pickle-only"
+    folder.mkdir()
+    torch.save(brainmm.create_model("mmvp_unet_tiny").state_dict(), folder / "pytorch_model.bin")
+    model = brainmm.create_model("mmvp_unet_tiny")
+    brainmm.save_pretrained(model, tmp_path / "full")
+    (folder / "config.json").write_bytes((tmp_path / "full" / "config.json").read_bytes())
+    _put_in_cache(tmp_path / "cache", "org/pickled", folder, COMMIT_A)
+    with pytest.raises(hub.WeightsNotFoundError, match="only pickle weights.*convert-official"):
+        brainmm.create_model("hf-hub:org/pickled", cache_dir=tmp_path / "cache")

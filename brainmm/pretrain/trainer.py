@@ -333,9 +333,6 @@ class Trainer:
                                 provenance={"run_config": cfg.to_dict(), "config_hash": cfg.digest(),
                                             "optimizer_steps": step, "data": data_summary},
                                 card={"recipe": recipe})
-            from .previews import templates_grid
-
-            templates_grid(objective.templates.export()).save(folder / "templates.png")
         return folder
 
 
