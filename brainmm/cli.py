@@ -214,6 +214,30 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from brainmm import bench
+
+    if args.what == "masking":
+        result = bench.bench_masking(batch=args.batch, crop=args.crop, warmup=args.warmup, repeats=args.repeats,
+                                     device=args.device)
+    elif args.what == "loader":
+        result = bench.bench_loader(args.data, out=args.out, crop=args.crop, studies=args.studies,
+                                    num_workers=args.workers, atlas=tuple(args.atlas) if args.atlas else None)
+    elif args.what == "pretrain-step":
+        result = bench.bench_pretrain_step(args.arch, batch=args.batch, crop=args.crop, variants=tuple(args.variants),
+                                           warmup=args.warmup, repeats=args.repeats, device=args.device,
+                                           channels_last=args.channels_last,
+                                           atlas=tuple(args.atlas) if args.atlas else (240, 240, 155))
+    else:
+        from brainmm.adapters import commands as adapter_commands
+
+        result = adapter_commands.bench_inference(args)
+    print(bench.format_result(result))
+    if args.json:
+        print(f"Wrote {bench.write_json(result, args.json)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainmm",
@@ -314,6 +338,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                    help="any other setting, e.g. objective.contrastive_start_epoch=500 warmup_steps=100")
+
+    p = add("bench", _cmd_bench, "measure speed: pretrain-step, inference, loader or masking (table + JSON)")
+    p.add_argument("what", choices=["pretrain-step", "inference", "loader", "masking"])
+    p.add_argument("--arch", default="mmvp_uniformer", help="encoder (pretrain-step, inference)")
+    p.add_argument("--batch", type=int, default=3)
+    p.add_argument("--crop", type=int, default=96, help="cubic crop size")
+    p.add_argument("--atlas", type=int, nargs=3, default=None, metavar=("H", "W", "D"),
+                   help="atlas grid (default 240 240 155 for SRI24 data)")
+    p.add_argument("--variants", nargs="+", default=["eager-fp32"],
+                   help="pretrain-step: eager-fp32 eager-bf16 compile-fp32 compile-bf16")
+    p.add_argument("--channels-last", action="store_true", help="pretrain-step: channels_last_3d memory format")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--data", default="demo", help="loader/inference: dataset path or 'demo'")
+    p.add_argument("--studies", type=int, default=8, help="loader: number of studies")
+    p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers")
+    p.add_argument("--out", default="runs/bench", help="loader: scratch folder (cache, demo data)")
+    p.add_argument("--json", default=None, help="also write the result as JSON")
 
     # Subcommands of other areas register themselves through the same `add` (their modules import lazily).
     from brainmm.adapters import commands as adapter_commands

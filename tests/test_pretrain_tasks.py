@@ -208,3 +208,15 @@ def test_fill_masked_broadcasts():
     vis = random_block_mask(2, (8, 8, 8), 4, 0.5)
     out = fill_masked(x, f, vis)
     assert torch.equal(out.bool(), vis)
+
+
+
+def test_block_grid_expands_to_the_voxel_mask():
+    from brainmm.pretrain import random_block_grid
+
+    torch.manual_seed(3)
+    grid = random_block_grid(2, (16, 24, 8), 8, 0.5)
+    assert grid.shape == (2, 1, 2, 3, 1) and grid.flatten(1).sum(1).tolist() == [3, 3]
+    torch.manual_seed(3)
+    voxel = random_block_mask(2, (16, 24, 8), 8, 0.5)
+    assert torch.equal(voxel, grid.repeat_interleave(8, 2).repeat_interleave(8, 3).repeat_interleave(8, 4))

@@ -3,7 +3,7 @@
 Not imported by ``import brainmm`` (it pulls in the trainer's dependencies); import ``brainmm.pretrain`` explicitly.
 """
 
-from .masking import fill_masked, num_kept_blocks, random_block_mask
+from .masking import fill_masked, num_kept_blocks, random_block_grid, random_block_mask
 from .objectives import (
     BrainMVPObjective,
     CrossModalReconstruction,
@@ -17,5 +17,6 @@ from .templates import ModalityTemplates
 
 __all__ = [
     "BrainMVPObjective", "CrossModalReconstruction", "ModalityContrastive", "ModalityTemplates", "ObjectiveConfig",
-    "StepOutput", "TemplateDistillation", "fill_masked", "info_nce_reference", "num_kept_blocks", "random_block_mask",
+    "StepOutput", "TemplateDistillation", "fill_masked", "info_nce_reference", "num_kept_blocks", "random_block_grid",
+    "random_block_mask",
 ]

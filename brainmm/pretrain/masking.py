@@ -21,13 +21,13 @@ def block_grid(spatial: Sequence[int], block_size: int) -> tuple[int, int, int]:
     return tuple(s // block_size for s in spatial)  # type: ignore[return-value]
 
 
-def random_block_mask(batch: int, spatial: Sequence[int], block_size: int = 8, mask_ratio: float = 0.8, *,
+def random_block_grid(batch: int, spatial: Sequence[int], block_size: int = 8, mask_ratio: float = 0.8, *,
                       device: torch.device | str | None = None,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-    """A fresh random block mask per sample: ``(B, 1, H, W, D)`` bool, True where the voxel stays visible.
+    """A fresh random mask per sample at block resolution: ``(B, 1, H/b, W/b, D/b)`` bool, True = visible block.
 
     Exactly ``floor(N * (1 - mask_ratio))`` of the ``N`` blocks are visible in every sample, chosen uniformly: the
-    ranks of i.i.d. uniform noise (one argsort per batch on the device).
+    ranks of i.i.d. uniform noise (one argsort per batch on the device, no host sync).
     """
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
@@ -36,11 +36,18 @@ def random_block_mask(batch: int, spatial: Sequence[int], block_size: int = 8, m
     keep = num_kept_blocks(n, mask_ratio)
     noise = torch.rand(batch, n, device=device, generator=generator)
     ranks = noise.argsort(dim=1).argsort(dim=1)  # rank of each block's noise within its sample
-    visible = (ranks < keep).view(batch, 1, *grid)
-    # Expand each block to block_size^3 voxels without materialising intermediate copies per axis.
+    return (ranks < keep).view(batch, 1, *grid)
+
+
+def random_block_mask(batch: int, spatial: Sequence[int], block_size: int = 8, mask_ratio: float = 0.8, *,
+                      device: torch.device | str | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """The voxel-resolution mask of ``random_block_grid``: ``(B, 1, H, W, D)`` bool, True where visible."""
+    grid = random_block_grid(batch, spatial, block_size, mask_ratio, device=device, generator=generator)
     b = block_size
-    visible = visible[:, :, :, None, :, None, :, None].expand(batch, 1, grid[0], b, grid[1], b, grid[2], b)
-    return visible.reshape(batch, 1, *spatial)
+    g = grid.shape[2:]
+    return grid[:, :, :, None, :, None, :, None].expand(batch, 1, g[0], b, g[1], b, g[2], b).reshape(batch, 1,
+                                                                                                       *spatial)
 
 
 def fill_masked(image: torch.Tensor, fill: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:

@@ -37,18 +37,25 @@ class ModalityTemplates(nn.Module):
 
     def windows(self, modality: torch.Tensor, origin: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
         """Template windows for a batch: ``modality (B,)`` template row per sample, ``origin (B, 3)`` crop start in
-        atlas voxels (CPU tensor: no device sync) -> ``(B, 1, *crop)``."""
+        atlas voxels (CPU tensors: no device sync) -> ``(B, 1, *crop)``, min-max normalised over the whole template."""
         if origin.device.type != "cpu":
             origin = origin.cpu()
         crop = tuple(int(c) for c in crop)
         for o in origin.tolist():
             if any(s < 0 or s + c > a for s, c, a in zip(o, crop, self.atlas_size)):
                 raise ValueError(f"crop at atlas origin {o} of size {crop} leaves the atlas grid {self.atlas_size}.")
-        uniq, inverse = torch.unique(modality, return_inverse=True)
-        norm = self.normalised(uniq.to(self.weight.device))
-        out = [norm[i, s0:s0 + crop[0], s1:s1 + crop[1], s2:s2 + crop[2]]
-               for i, (s0, s1, s2) in zip(inverse.tolist(), origin.tolist())]
-        return torch.stack(out).unsqueeze(1)
+        modality = modality.cpu()
+        # min/max of each *whole* template used in the step (one read-only pass each, once per step), then only the
+        # crop windows are normalised: the same values and gradients as normalising the whole volume first, without
+        # writing a normalised copy of a 240x240x155 volume per sample.
+        stats = {m: torch.aminmax(self.weight[m]) for m in sorted(set(modality.tolist()))}
+        rows = []
+        for m, (s0, s1, s2) in zip(modality.tolist(), origin.tolist()):
+            lo, hi = stats[m]
+            window = self.weight[m, s0:s0 + crop[0], s1:s1 + crop[1], s2:s2 + crop[2]]
+            scale = 1.0 / (hi - lo + 1e-9)
+            rows.append(torch.addcmul(-lo * scale, window, scale))  # (window - lo) * scale in one pass
+        return torch.stack(rows).unsqueeze(1)
 
     def export(self) -> dict[str, torch.Tensor]:
         """Normalised templates by modality name (what ``save_pretrained`` stores)."""

@@ -204,7 +204,7 @@ class Trainer:
         last_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
         bar = self._progress(last_step, step)
         t_last, crops_since, steps_since = time.perf_counter(), 0, 0
-        running: dict[str, float] = {}
+        running: dict[str, Any] = {}
         objective.train()
         while step < last_step and epoch <= cfg.epochs:
             sampler.set_epoch(epoch)
@@ -229,8 +229,9 @@ class Trainer:
                         out = forward(batch, epoch, with_preview=preview)
                         loss = out.loss + objective.unused_parameter_guard()
                     scaler.scale(loss / cfg.accumulation).backward()
+                # Sums stay on the device: one host sync per log line, not four per micro-batch.
                 for k in ("loss", "loss_template", "loss_cross_modal", "loss_contrastive"):
-                    running[k] = running.get(k, 0.0) + float(out.logs[k]) / cfg.accumulation
+                    running[k] = running.get(k, 0.0) + out.logs[k].detach() / cfg.accumulation
                 crops_since += int(out.logs["crops"])
                 if not boundary:
                     continue
@@ -248,7 +249,7 @@ class Trainer:
                 if step % cfg.log_every == 0 or step == last_step:
                     dt = time.perf_counter() - t_last
                     vps = crops_since * self.world_size / max(dt, 1e-9)
-                    logs = {k: v / steps_since for k, v in running.items()}
+                    logs = {k: float(v) / steps_since for k, v in running.items()}
                     if bar is not None:
                         bar.set_postfix(loss=f"{logs['loss']:.4f}", vol_s=f"{vps:.1f}", epoch=epoch)
                     if writer is not None:
