@@ -156,3 +156,43 @@ def test_torchrun_two_processes_with_gloo(tiny_data, tmp_path):
     assert encoder.load_report.initialised == []
     steps = json.loads((out / "export" / "config.json").read_text())["provenance"]["optimizer_steps"]
     assert steps == 2 * (12 // 2 // 2)  # each rank sees half of the 12 crops per epoch
+
+
+def test_bad_data_is_refused_before_training(tmp_path):
+    data = write_synthetic_dataset(tmp_path / "syn", n_studies=3, shape=(32, 32, 32), seed=4)
+    victim = sorted(data.glob("*/*.nii.gz"))[0]
+    victim.write_bytes(b"not a nifti")
+    with pytest.raises(ValueError, match="problem.*brainmm check-data"):
+        pretrain(_config(tmp_path / "run", data), show_progress=False)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_unpreprocessable_study_is_skipped_and_counted(tmp_path, caplog):
+    """A study whose values cannot be preprocessed (headers fine) is skipped with a warning and counted; a cache
+    entry that becomes unreadable mid-run is skipped and counted too, never silently."""
+    import nibabel as nib
+    import numpy as np
+
+    data = write_synthetic_dataset(tmp_path / "syn", n_studies=4, shape=(32, 32, 32), seed=5)
+    case = sorted(p for p in data.iterdir() if p.is_dir())[0]
+    for f in case.glob("*.nii.gz"):
+        if "seg" not in f.name:
+            img = nib.load(f)
+            nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine), f)  # all background
+    cfg = _config(tmp_path / "run", data, epochs=1)
+    with caplog.at_level("WARNING"):
+        export = pretrain(cfg, show_progress=False)
+    summary = json.loads((export / "config.json").read_text())["provenance"]["data"]
+    assert summary["studies"] == 3 and summary["skipped_studies"] == 1
+    assert any("skipping study" in r.message for r in caplog.records)
+
+    from brainmm.data.cache import MultiModalCropDataset, PreprocessedCache
+    from brainmm.data.datasets import discover_studies
+
+    studies = [s for s in discover_studies(data) if s.study_id != case.name]
+    cache = PreprocessedCache(tmp_path / "cache", brainmm.get_pretrained_cfg(cfg.arch).replace(atlas_size=(32,) * 3))
+    dataset = MultiModalCropDataset(cache, studies, (16, 16, 16))
+    broken = cache.root / f"{dataset.entries[0][0]}.npy"
+    broken.write_bytes(b"truncated")
+    sample = dataset[0]
+    assert sample["skipped"] == 1 and sample["study_id"] == dataset.entries[1][1]["study_id"]

@@ -29,7 +29,7 @@ import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +59,7 @@ class CacheBuildStats:
     built: int = 0  # preprocessed and written by this rank
     reused: int = 0  # this rank's entries that were already fresh
     waited: int = 0  # entries owned by other ranks
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (study id, reason), with on_error="skip"
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -181,6 +182,34 @@ class PreprocessedCache:
 
     # ------------------------------------------------------------------------------------------------ building
 
+    def _failed_marker(self, study: Study) -> Path:
+        return self.root / f"{self.entry_name(study)}.failed.json"
+
+    def failure(self, study: Study) -> str | None:
+        """Why the study could not be cached (``build(on_error="skip")``), or None."""
+        marker = self._failed_marker(study)
+        if not marker.is_file():
+            return None
+        try:
+            return json.loads(marker.read_text())["error"]
+        except (OSError, ValueError, KeyError):
+            return "unreadable failure marker"
+
+    def _build_or_mark(self, study: Study, on_error: str) -> dict[str, Any] | tuple[str, str]:
+        try:
+            sidecar = self._build_entry(study)
+        except (RuntimeError, ValueError, OSError) as err:
+            if on_error == "raise":
+                raise
+            reason = str(err).splitlines()[0]
+            self.root.mkdir(parents=True, exist_ok=True)
+            marker = json.dumps({"study_id": study.study_id, "error": reason}).encode()
+            _atomic_write(self._failed_marker(study), lambda f: f.write(marker))
+            logger.warning("Cache %s: skipping study %s: %s", self.root, study.study_id, reason)
+            return (study.study_id, reason)
+        self._failed_marker(study).unlink(missing_ok=True)
+        return sidecar
+
     def _get_pipeline(self) -> Any:
         if self._pipeline is None:
             self._pipeline = build_preprocessing(self.params, self.modalities, with_label=self.with_label,
@@ -258,13 +287,18 @@ class PreprocessedCache:
         *,
         timeout: float = 24 * 3600.0,
         poll_interval: float = 2.0,
+        on_error: str = "raise",
     ) -> CacheBuildStats:
         """Make every study's entry fresh; returns what this rank did.
 
         Each rank must pass the same studies. This rank writes the stale entries at positions ``i % world_size ==
         rank`` of the id-sorted list (with ``num_workers`` DataLoader worker processes), then waits up to
-        ``timeout`` seconds for the other ranks' entries.
+        ``timeout`` seconds for the other ranks' entries. ``on_error="skip"`` logs a study that cannot be
+        preprocessed, records it (``stats.failed``, a ``.failed.json`` marker that other ranks also honour, see
+        ``failure``) and goes on; ``"raise"`` stops at the first one.
         """
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"Need 0 <= rank < world_size, got rank={rank}, world_size={world_size}.")
         ordered = self._sorted(studies)
@@ -274,15 +308,18 @@ class PreprocessedCache:
         if stale:
             t0 = time.perf_counter()
             if num_workers > 0:
-                loader = DataLoader(_BuildJobs(self, stale), batch_size=None, shuffle=False, num_workers=num_workers,
-                                    collate_fn=_identity)
-                for sidecar in loader:
-                    self._meta[sidecar["name"]] = sidecar
-                    self._index[sidecar["study_id"]] = sidecar["name"]
+                loader = DataLoader(_BuildJobs(self, stale, on_error), batch_size=None, shuffle=False,
+                                    num_workers=num_workers, collate_fn=_identity)
+                results = list(loader)
             else:
-                for s in stale:
-                    self._build_entry(s)
-            stats.built = len(stale)
+                results = [self._build_or_mark(s, on_error) for s in stale]
+            for res in results:
+                if isinstance(res, tuple):
+                    stats.failed.append(res)
+                else:
+                    self._meta[res["name"]] = res
+                    self._index[res["study_id"]] = res["name"]
+            stats.built = len(stale) - len(stats.failed)
             logger.info("Cache %s: rank %d built %d entries in %.1f s (%d reused).", self.root, rank, len(stale),
                         time.perf_counter() - t0, stats.reused)
         if world_size > 1:
@@ -291,9 +328,10 @@ class PreprocessedCache:
 
     def wait_ready(self, studies: Iterable[Study], *, timeout: float = 24 * 3600.0, poll_interval: float = 2.0,
                    world_size: int = 1) -> None:
-        """Poll until every study's entry is fresh; ``TimeoutError`` naming the missing ones after ``timeout`` s."""
+        """Poll until every study's entry is fresh (or marked failed by its owner with ``on_error="skip"``);
+        ``TimeoutError`` naming the missing ones after ``timeout`` s."""
         ordered = self._sorted(studies)
-        pending = [(i, s) for i, s in enumerate(ordered) if not self.is_fresh(s)]
+        pending = [(i, s) for i, s in enumerate(ordered) if not self._resolved(s)]
         deadline = time.monotonic() + timeout
         while pending:
             if time.monotonic() > deadline:
@@ -303,7 +341,10 @@ class PreprocessedCache:
                     f"{' ...' if len(pending) > 5 else ''}. Did every rank call build() with the same studies?"
                 )
             time.sleep(poll_interval)
-            pending = [(i, s) for i, s in pending if not self.is_fresh(s)]
+            pending = [(i, s) for i, s in pending if not self._resolved(s)]
+
+    def _resolved(self, study: Study) -> bool:
+        return self.is_fresh(study) or self.failure(study) is not None
 
     @staticmethod
     def _sorted(studies: Iterable[Study]) -> list[Study]:
@@ -403,15 +444,16 @@ class PreprocessedCache:
 class _BuildJobs(Dataset):
     """One cache entry per item, so ``DataLoader`` workers preprocess in parallel."""
 
-    def __init__(self, cache: PreprocessedCache, studies: Sequence[Study]) -> None:
+    def __init__(self, cache: PreprocessedCache, studies: Sequence[Study], on_error: str = "raise") -> None:
         self.cache = cache
         self.studies = list(studies)
+        self.on_error = on_error
 
     def __len__(self) -> int:
         return len(self.studies)
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.cache._build_entry(self.studies[i])
+    def __getitem__(self, i: int) -> dict[str, Any] | tuple[str, str]:
+        return self.cache._build_or_mark(self.studies[i], self.on_error)
 
 
 def _identity(x: Any) -> Any:
@@ -499,10 +541,28 @@ class MultiModalCropDataset(Dataset):
         return out
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        """The sample of ``index``; if its cache entry has become unreadable, the next readable study's sample with
+        ``skipped`` counting the unreadable ones (a warning is logged; the trainer sums and reports them)."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} samples.")
-        name, meta = self.entries[index // self.samples_per_study]
-        vol = np.load(self.cache.root / f"{name}.npy", mmap_mode="r")
+        n = len(self)
+        for skipped in range(len(self.entries)):
+            i = (index + skipped * self.samples_per_study) % n
+            name, meta = self.entries[i // self.samples_per_study]
+            try:
+                vol = np.load(self.cache.root / f"{name}.npy", mmap_mode="r")
+                if vol.ndim != 4 or vol.shape[0] != len(meta["modalities"]):
+                    raise ValueError(f"shape {vol.shape} does not match its sidecar")
+                sample = self._sample(i, vol, meta)
+            except (OSError, ValueError) as err:
+                logger.warning("Skipping study %s: its cache entry %s is unreadable (%s).", meta["study_id"],
+                               name, err)
+                continue
+            sample["skipped"] = skipped
+            return sample
+        raise RuntimeError(f"Every cache entry in {self.cache.root} is unreadable.")
+
+    def _sample(self, index: int, vol: np.ndarray, meta: dict[str, Any]) -> dict[str, Any]:
         offset = np.asarray(meta["atlas_offset"], np.int64)
         box = np.asarray(vol.shape[1:], np.int64)
         crop = np.asarray(self.crop_size, np.int64)

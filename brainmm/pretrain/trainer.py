@@ -125,16 +125,44 @@ class Trainer:
                 write_synthetic_dataset(data_path, n_studies=24, shape=tuple(cfg.atlas_size), seed=cfg.seed)
             self._barrier()
         studies = discover_studies(data_path)
+        self._check_studies(studies)
         probe = create_model(cfg.arch)
         params = probe.pretrained_cfg.replace(atlas_size=tuple(cfg.atlas_size))
         cache = PreprocessedCache(cfg.cache_dir or self.out / "cache", params)
-        cache.build(studies, num_workers=min(cfg.num_workers, 4), rank=self.rank, world_size=self.world_size)
+        stats = cache.build(studies, num_workers=min(cfg.num_workers, 4), rank=self.rank, world_size=self.world_size,
+                            on_error="skip")
+        # Every rank must train on the same list: rank 0's view of the cache (all entries resolved) decides.
+        usable = [s.study_id for s in studies if cache.failure(s) is None]
+        if self.world_size > 1:
+            box = [usable]
+            dist.broadcast_object_list(box, src=0)
+            usable = box[0]
+        skipped = len(studies) - len(usable)
+        if skipped and self.is_main:
+            logger.warning("%d of %d studies could not be preprocessed and are skipped (see the warnings above; "
+                           "`brainmm check-data %s` lists the problems).", skipped, len(studies), cfg.data)
+        if not usable:
+            raise ValueError(f"No study of {cfg.data!r} could be preprocessed ({stats.failed[:3]}).")
+        keep = set(usable)
+        studies = [s for s in studies if s.study_id in keep]
         dataset = MultiModalCropDataset(cache, studies, cfg.crop_size, seed=cfg.seed,
                                         samples_per_study=cfg.samples_per_study)
         counts = {m: sum(1 for s in studies if m in s.images) for m in MODALITIES}
-        summary = {"source": str(cfg.data), "studies": len(studies),
+        summary = {"source": str(cfg.data), "studies": len(studies), "skipped_studies": skipped,
                    "modalities": {m: n for m, n in counts.items() if n}, "samples_per_epoch": len(dataset)}
         return dataset, cache, summary
+
+    def _check_studies(self, studies: list[Any]) -> None:
+        """Headers-only check of every study before anything long starts (``brainmm check-data`` reads values too)."""
+        from ..data.check import check_studies
+
+        report = check_studies(studies, crop_size=self.config.crop_size, atlas_size=self.config.atlas_size,
+                               read_values=False)
+        if not report.ok:
+            shown = "; ".join(report.problems[:3])
+            more = f" (+{len(report.problems) - 3} more)" if len(report.problems) > 3 else ""
+            raise ValueError(f"{len(report.problems)} problem(s) in {self.config.data!r}: {shown}{more}. Run "
+                             f"`brainmm check-data {self.config.data}` for the full report.")
 
     def _barrier(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
@@ -203,7 +231,7 @@ class Trainer:
             writer.add_text("config", f"```\n{cfg.to_dict()}\n```")
         last_step = total_steps if cfg.max_steps is None else min(total_steps, cfg.max_steps)
         bar = self._progress(last_step, step)
-        t_last, crops_since, steps_since = time.perf_counter(), 0, 0
+        t_last, crops_since, steps_since, skipped_samples = time.perf_counter(), 0, 0, 0
         running: dict[str, Any] = {}
         objective.train()
         while step < last_step and epoch <= cfg.epochs:
@@ -233,6 +261,10 @@ class Trainer:
                 for k in ("loss", "loss_template", "loss_cross_modal", "loss_contrastive"):
                     running[k] = running.get(k, 0.0) + out.logs[k].detach() / cfg.accumulation
                 crops_since += int(out.logs["crops"])
+                if batch["skipped"]:
+                    skipped_samples += batch["skipped"]
+                    logger.warning("%d unreadable cache entries skipped in this batch (%d so far).",
+                                   batch["skipped"], skipped_samples)
                 if not boundary:
                     continue
                 if cfg.grad_clip > 0:
@@ -258,6 +290,7 @@ class Trainer:
                         writer.add_scalar("train/volumes_per_s", vps, step)
                         writer.add_scalar("train/lr", scheduler.get_last_lr()[0], step)
                         writer.add_scalar("train/epoch", epoch, step)
+                        writer.add_scalar("train/skipped_samples", skipped_samples, step)
                     running, t_last, crops_since, steps_since = {}, time.perf_counter(), 0, 0
                 if preview and out.preview:
                     self._write_preview(writer, out.preview, objective.templates, step)
@@ -356,7 +389,7 @@ def _step_seed(seed: int, rank: int, epoch: int, micro: int) -> int:
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     stack = lambda key: torch.stack([s[key] for s in samples])  # noqa: E731
     return {"image": stack("image"), "present": stack("present"), "origin": stack("origin"),
-            "study_id": [s["study_id"] for s in samples]}
+            "study_id": [s["study_id"] for s in samples], "skipped": sum(s.get("skipped", 0) for s in samples)}
 
 
 class _nullcontext:
