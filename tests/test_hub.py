@@ -234,3 +234,13 @@ def test_hub_repo_with_only_pickle_weights_is_refused(tmp_path, offline):
     _put_in_cache(tmp_path / "cache", "org/pickled", folder, COMMIT_A)
     with pytest.raises(hub.WeightsNotFoundError, match="only pickle weights.*convert-official"):
         brainmm.create_model("hf-hub:org/pickled", cache_dir=tmp_path / "cache")
+
+
+def test_download_command_uses_the_cache(two_revisions, offline, capsys):
+    from brainmm.cli import main
+
+    cache, _, _ = two_revisions
+    assert main(["download", "hf-hub:org/tiny-swin@v1", "--cache-dir", str(cache)]) == 0
+    assert f"snapshots/{COMMIT_A}" in capsys.readouterr().out
+    assert main(["download", "hf-hub:org/other", "--cache-dir", str(cache)]) == 1
+    assert "org/other" in capsys.readouterr().err

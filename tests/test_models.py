@@ -183,3 +183,17 @@ def test_strict_false_reports_missing_and_ignored(tmp_path):
     loaded = brainmm.create_model(f"local-dir:{tmp_path / 'm'}", strict=False)
     assert loaded.load_report.initialised == ["conv4d.conv2.bias"]
     assert loaded.load_report.ignored == ["extra.tensor"]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    torch.manual_seed(0)
+    model = brainmm.create_model(name)
+    x = _input(model, batch=2)
+    model(x).square().sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for a, p in zip(ref, model.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-5)
