@@ -6,7 +6,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-TEMPLATES = {"encoder": "encoder.md"}
+TEMPLATES = {"encoder": "encoder.md", "segmentation": "segmentation.md", "classification": "classification.md"}
+# Hugging Face pipeline tag per model type.
+PIPELINE_TAGS = {"encoder": "image-feature-extraction", "segmentation": "image-segmentation",
+                 "classification": "image-classification"}
 
 
 def template_path(model_type: str) -> Path:
@@ -47,10 +50,11 @@ def render_card(config: dict[str, Any], *, repo_id: str | None = None, recipe: s
     card_data = ModelCardData(
         library_name="brainmm",
         license=cfg.get("license") or "apache-2.0",
-        tags=["brainmm", "medical-imaging", "mri", "3d", "self-supervised", model_type, *(tags or [])],
+        tags=["brainmm", "medical-imaging", "mri", "3d", "self-supervised" if model_type == "encoder" else "fine-tuned",
+              model_type, *(tags or [])],
         datasets=datasets,
         base_model=base_model,
-        pipeline_tag="image-feature-extraction" if model_type == "encoder" else None,
+        pipeline_tag=PIPELINE_TAGS.get(model_type),
         model_name=repo_id or cfg.get("name") or arch,
     )
     feature_info = extra.pop("feature_info", None)

@@ -229,9 +229,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                            channels_last=args.channels_last,
                                            atlas=tuple(args.atlas) if args.atlas else (240, 240, 155))
     else:
-        from brainmm.adapters import commands as adapter_commands
-
-        result = adapter_commands.bench_inference(args)
+        variants = tuple(v.split("-")[-1] for v in args.variants)  # eager-fp32 -> fp32
+        result = bench.bench_inference(args.arch, shape=tuple(args.shape), roi=args.crop, variants=variants,
+                                       sw_batch_size=args.batch, warmup=args.warmup, repeats=args.repeats,
+                                       device=args.device, baseline=not args.no_baseline)
     print(bench.format_result(result))
     if args.json:
         print(f"Wrote {bench.write_json(result, args.json)}")
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--studies", type=int, default=8, help="loader: number of studies")
     p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers")
     p.add_argument("--out", default="runs/bench", help="loader: scratch folder (cache, demo data)")
+    p.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155), metavar=("H", "W", "D"),
+                   help="inference: volume size")
+    p.add_argument("--no-baseline", action="store_true", help="inference: skip MONAI SwinUNETR")
     p.add_argument("--json", default=None, help="also write the result as JSON")
 
     # Subcommands of other areas register themselves through the same `add` (their modules import lazily).

@@ -292,6 +292,11 @@ def save_pretrained(model: torch.nn.Module, directory: str | Path, *, templates:
     """
     from .data.modalities import canonical_modality
 
+    own_type = getattr(model, "model_type", "encoder")
+    if model_type == "encoder" and own_type != "encoder" and templates is None and decoder is None:
+        # Task adapters (brainmm.adapters) write their heads' config and their templates themselves; this makes
+        # brainmm.save_pretrained(seg_model, dir) and push_to_hub(seg_model, repo) work like for encoders.
+        return model.save_pretrained(directory, card=card, provenance=provenance)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = dict(model.state_dict())

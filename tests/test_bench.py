@@ -25,3 +25,11 @@ def test_bench_loader(tmp_path, capsys):
     assert main(["bench", "loader", "--data", "demo", "--studies", "2", "--crop", "16", "--atlas", "32", "32", "32",
                  "--workers", "0", "--out", str(tmp_path)]) == 0
     assert "brainmm preprocessed cache" in capsys.readouterr().out
+
+
+def test_bench_inference(capsys):
+    assert main(["bench", "inference", "--arch", "mmvp_swin_tiny", "--shape", "72", "72", "40", "--crop", "64",
+                 "--batch", "2", "--variants", "fp32", "bf16", "--no-baseline", "--warmup", "0", "--repeats", "1",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "brainmm mmvp_swin_tiny fp32" in out and "dice_vs_fp32" in out
