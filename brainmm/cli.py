@@ -114,8 +114,15 @@ def _cmd_convert_official(args: argparse.Namespace) -> int:
 
 
 def _cmd_convert_monai_swin(args: argparse.Namespace) -> int:
-    from brainmm.convert import convert_monai_swin
+    from brainmm.convert import convert_monai_swin, convert_monai_swinunetr
 
+    if args.segmentation:
+        if not args.modalities:
+            raise ValueError("--segmentation needs --modalities naming the checkpoint's input channels in order.")
+        out = convert_monai_swinunetr(args.checkpoint, args.out_dir, modalities=args.modalities, labels=args.labels,
+                                      strict=not args.allow_unmapped)
+        print(f"Wrote {out}. Load it with: brainmm.create_segmentation_model('local-dir:{Path(out).resolve()}')")
+        return 0
     out = convert_monai_swin(args.checkpoint, args.out_dir, strict=not args.allow_unmapped)
     print(f"Wrote {out}. Load it with: brainmm.create_model('local-dir:{Path(out).resolve()}')")
     return 0
@@ -273,9 +280,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-unmapped", action="store_true", help="convert even if some keys map to nothing")
 
     p = add("convert-monai-swin", _cmd_convert_monai_swin,
-            "convert MONAI SwinUNETR self-supervised weights (model_swinvit.pt) into an mmvp_swin folder")
-    p.add_argument("checkpoint", help="model_swinvit.pt (with or without module./swin_vit. prefixes)")
+            "convert MONAI SwinUNETR weights: self-supervised (model_swinvit.pt) into an mmvp_swin encoder folder, "
+            "or a fine-tuned SwinUNETR (--segmentation) into the mmvp_swin segmentation adapter")
+    p.add_argument("checkpoint", help="model_swinvit.pt (with or without module./swin_vit. prefixes), or with "
+                   "--segmentation a fine-tuned SwinUNETR state dict")
     p.add_argument("out_dir", help="output folder")
+    p.add_argument("--segmentation", action="store_true",
+                   help="the checkpoint is a fine-tuned SwinUNETR: convert it into the mmvp_swin segmentation adapter")
+    p.add_argument("--modalities", nargs="+", default=None, help="--segmentation: input channels in order")
+    p.add_argument("--labels", default=None, help="--segmentation: label scheme (brats2023, brats2021, classes:K)")
     p.add_argument("--allow-unmapped", action="store_true", help="convert even if some keys map to nothing")
 
     p = add("register-local", _cmd_register_local,

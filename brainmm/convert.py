@@ -200,3 +200,55 @@ def convert_monai_swin(checkpoint: str | Path, out_dir: str | Path, *, arch: str
                   "dropped_ssl_head_keys": dropped, "source_metadata": meta}
     return hub.save_pretrained(model, out_dir, provenance=provenance,
                                card={"recipe": "Converted from MONAI's SwinUNETR self-supervised weights."})
+
+
+def convert_monai_swinunetr(checkpoint: str | Path, out_dir: str | Path, *, modalities: list[str],
+                            labels: str | None = None, strict: bool = True) -> Path:
+    """Convert a fine-tuned MONAI ``SwinUNETR`` checkpoint (state dict, optionally under ``state_dict``/``model``,
+    optionally ``module.``-prefixed) into the ``mmvp_swin`` segmentation adapter, whose layout is SwinUNETR's.
+
+    ``modalities`` names the checkpoint's input channels in order (required: the channel order of BraTS models
+    differs between projects); ``labels`` the output scheme (default ``classes:K``).
+    The deep-supervision heads, which SwinUNETR lacks, are newly initialised and reported.
+    """
+    from .adapters.segmentation import create_segmentation_model
+    from .data.modalities import canonical_modalities
+
+    sd, meta = load_official_checkpoint(checkpoint)
+    sd = {k[len("model."):] if k.startswith("model.") else k: v for k, v in sd.items()}
+    if "swinViT.patch_embed.proj.weight" not in sd or "out.conv.conv.weight" not in sd:
+        raise ValueError(f"{str(checkpoint)!r} is not a MONAI SwinUNETR state dict (needs swinViT.* and out.* keys; "
+                         "for the self-supervised model_swinvit.pt use `brainmm convert-monai-swin`).")
+    mods = canonical_modalities(modalities, argument="--modalities")
+    stem = sd["swinViT.patch_embed.proj.weight"]
+    if stem.shape[1] != len(mods):
+        raise ValueError(f"The checkpoint takes {stem.shape[1]} input channels but --modalities names {len(mods)}: "
+                         f"{list(mods)}.")
+    feature = int(stem.shape[0])
+    num_classes = int(sd["out.conv.conv.weight"].shape[0])
+    arch = "mmvp_swin" if feature == 48 else "mmvp_swin_tiny" if feature == 12 else None
+    if arch is None:
+        raise ValueError(f"SwinUNETR feature_size {feature} has no brainmm architecture (48: mmvp_swin).")
+    model = create_segmentation_model(arch, modalities=list(mods), labels=labels or f"classes:{num_classes}",
+                                      decoder="swinunetr")
+    if model.num_classes != num_classes:
+        raise ValueError(f"--labels {labels!r} gives {model.num_classes} output channels; the checkpoint has "
+                         f"{num_classes}.")
+    own = model.state_dict()
+    unexpected = sorted(k for k in sd if k not in own)
+    if unexpected and strict:
+        raise ValueError(f"{len(unexpected)} key(s) of {str(checkpoint)!r} are not SwinUNETR keys: {unexpected[:8]}.")
+    result = model.load_state_dict({k: v for k, v in sd.items() if k in own}, strict=False)
+    new = sorted(result.missing_keys)
+    if any(not k.startswith("ds_heads.") for k in new):
+        raise ValueError(f"{str(checkpoint)!r} lacks SwinUNETR tensors: {[k for k in new if 'ds_heads' not in k][:8]}.")
+    model.load_report.copied = sorted(k for k in sd if k in own)
+    model.load_report.initialised = new
+    model.load_report.adapted = {}
+    model.load_report.ignored = unexpected
+    model.load_report.source = str(checkpoint)
+    logger.info("%s", model.load_report.summary())
+    return model.save_pretrained(out_dir, card={"recipe": "Converted from a fine-tuned MONAI SwinUNETR checkpoint "
+                                                          "with `brainmm convert-monai-swin --segmentation`."},
+                                 provenance={"converted_from": Path(checkpoint).name, "source_metadata": meta,
+                                             "newly_initialised": new})

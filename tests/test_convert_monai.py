@@ -58,3 +58,22 @@ def test_cli_convert_monai_swin_rejects_foreign_keys(tmp_path, capsys):
     assert main(["convert-monai-swin", str(tmp_path / "bad.pt"), str(tmp_path / "out")]) == 1
     assert "classifier.weight" in capsys.readouterr().err
     assert main(["convert-monai-swin", str(tmp_path / "bad.pt"), str(tmp_path / "out"), "--allow-unmapped"]) == 0
+
+
+def test_finetuned_swinunetr_into_the_segmentation_adapter(tmp_path, capsys):
+    torch.manual_seed(2)
+    ref = SwinUNETR(in_channels=4, out_channels=3, feature_size=12, depths=(1, 1, 1, 1),
+                    num_heads=(1, 2, 4, 8)).eval()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in ref.state_dict().items()}, "epoch": 3},
+               tmp_path / "swinunetr.pt")
+    assert main(["convert-monai-swin", str(tmp_path / "swinunetr.pt"), str(tmp_path / "seg"), "--segmentation",
+                 "--modalities", "flair", "t1ce", "t1", "t2", "--labels", "brats2023"]) == 0
+    assert "create_segmentation_model" in capsys.readouterr().out
+    model = brainmm.create_segmentation_model(f"local-dir:{tmp_path / 'seg'}").eval()
+    assert model.modalities == ("flair", "t1c", "t1", "t2")
+    x = torch.randn(1, 4, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)
+    assert main(["convert-monai-swin", str(tmp_path / "swinunetr.pt"), str(tmp_path / "x"), "--segmentation",
+                 "--modalities", "t1", "t2"]) == 1
+    assert "4 input channels" in capsys.readouterr().err
