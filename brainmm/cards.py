@@ -53,7 +53,8 @@ def render_card(config: dict[str, Any], *, repo_id: str | None = None, recipe: s
         tags=["brainmm", "medical-imaging", "mri", "3d", "self-supervised" if model_type == "encoder" else "fine-tuned",
               model_type, *(tags or [])],
         datasets=datasets,
-        base_model=base_model,
+        # A fine-tuned model's base is the published encoder it started from (the Hub only accepts repo ids here).
+        base_model=base_model or (cfg.get("hf_hub_id") if model_type != "encoder" else None),
         pipeline_tag=PIPELINE_TAGS.get(model_type),
         model_name=repo_id or cfg.get("name") or arch,
     )

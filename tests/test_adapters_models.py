@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import yaml
 
 import brainmm
 from brainmm.adapters import ClassificationModel, SegmentationModel, SwinUNETRSegmentation, param_groups
@@ -157,6 +158,11 @@ def test_save_load_round_trip(tmp_path, kind):
     assert config["model_args"]["in_chans"] == 2 and config["pretrained_cfg"]["modalities"] == ["t1", "flair"]
     card = (out / "README.md").read_text()
     assert f"create_{kind}_model" in card and "pipeline_tag: image-" in card
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "brainmm" and "fine-tuned" in front["tags"] and kind in front["tags"]
+    for section in ("## Intended use", "## Preprocessing contract", "## Metrics", "## Limitations", "@software{brainmm",
+                    config["provenance"]["sha256"]):
+        assert section in card
     loaded = load(f"local-dir:{out}")
     assert type(loaded) is type(model)
     for k, v in model.state_dict().items():
