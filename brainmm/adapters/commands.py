@@ -21,15 +21,9 @@ def _is_main() -> bool:
 
 
 def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    import yaml
+    from .._config import parse_override
 
-    out: dict[str, Any] = {}
-    for item in items or []:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r} must look like key=value (e.g. sw_overlap=0.25).")
-        key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    return dict(parse_override(item) for item in items or [])
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:

@@ -20,8 +20,6 @@ What the trainer guarantees (as the pre-training trainer does):
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +38,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .. import hub
+from .._config import RunConfig
 from ..data.modalities import canonical_modalities
 from .base import AdapterModel, param_groups
 from .evaluation import classification_scores, prepare_data, segmentation_scores
@@ -55,8 +54,10 @@ TASKS = {"seg": "segmentation", "segmentation": "segmentation", "cls": "classifi
 
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(RunConfig):
     """Everything a fine-tuning run depends on. Defaults: the paper's downstream recipe on BraTS-style data."""
+
+    setting_kind = "fine-tuning"
 
     task: str = "seg"  # seg | cls
     encoder: str = "mmvp_uniformer"  # registry name, hf-hub:..., local-dir:... (an encoder export)
@@ -140,23 +141,6 @@ class FinetuneConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=list))
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FinetuneConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown fine-tuning setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return cls(**d)
-
-    def replace(self, **changes: Any) -> FinetuneConfig:
-        return FinetuneConfig.from_dict({**self.to_dict(), **changes})
 
     @classmethod
     def demo(cls, task: str = "seg", *, encoder: str = "mmvp_uniformer_tiny", out: str = "runs/finetune-demo",

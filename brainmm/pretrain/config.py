@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
-
+from .._config import RunConfig, coerce_numbers
 from .objectives import ObjectiveConfig
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(RunConfig):
     """Everything a pre-training run depends on. Defaults: the official BrainMVP run (brainmvp.md section 6)."""
+
+    setting_kind = "pre-training"
 
     arch: str = "mmvp_uniformer"
     data: str = "demo"
@@ -48,8 +45,9 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.objective, dict):
-            self.objective = ObjectiveConfig(**_coerce(ObjectiveConfig, self.objective))
-        for k, v in _coerce(type(self), {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}).items():
+            self.objective = ObjectiveConfig(**coerce_numbers(ObjectiveConfig, self.objective))
+        current = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for k, v in coerce_numbers(type(self), current).items():
             setattr(self, k, v)
         self.crop_size = tuple(int(c) for c in self.crop_size)  # type: ignore[assignment]
         self.atlas_size = tuple(int(c) for c in self.atlas_size)  # type: ignore[assignment]
@@ -70,69 +68,6 @@ class PretrainConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg + ".")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return json.loads(json.dumps(d, default=list))
-
-    def digest(self) -> str:
-        """A short hash of the run configuration (provenance)."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PretrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"Unknown pre-training setting(s) {unknown}; known: {', '.join(sorted(known))}.")
-        return cls(**d)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> PretrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Config file {str(path)!r} does not exist.")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{str(path)!r} must hold a YAML mapping of settings.")
-        return cls.from_dict(data)
-
-    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> PretrainConfig:
-        """Apply ``key=value`` overrides (YAML-parsed values; ``objective.mask_ratio=0.875`` for nested keys)."""
-        d = self.to_dict()
-        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
-        for key, value in items:
-            target = d
-            parts = key.split(".")
-            for p in parts[:-1]:
-                if p not in target or not isinstance(target[p], dict):
-                    raise ValueError(f"Unknown setting {key!r}.")
-                target = target[p]
-            if parts[-1] not in target:
-                raise ValueError(f"Unknown setting {key!r}; known: {', '.join(sorted(target))}.")
-            target[parts[-1]] = value
-        return PretrainConfig.from_dict(d)
-
-
-def _coerce(cls: type, values: dict[str, Any]) -> dict[str, Any]:
-    """YAML 1.1 reads ``3e-4`` as a string: convert strings of numeric settings to the default's type."""
-    out = dict(values)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    for k, v in values.items():
-        d = defaults.get(k)
-        if isinstance(v, str) and isinstance(d, (int, float)) and not isinstance(d, bool):
-            try:
-                out[k] = type(d)(float(v)) if isinstance(d, float) else int(v)
-            except ValueError as err:
-                raise ValueError(f"Setting {k!r} must be a number, got {v!r}.") from err
-    return out
-
-
-def _split_override(item: str) -> tuple[str, Any]:
-    if "=" not in item:
-        raise ValueError(f"Override {item!r} must look like key=value (e.g. objective.mask_ratio=0.875).")
-    key, value = item.split("=", 1)
-    return key.strip(), yaml.safe_load(value)
 
 
 def demo_config(out: str = "runs/demo", arch: str = "mmvp_uniformer_tiny") -> PretrainConfig:
