@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,6 +38,15 @@ from torch.utils.data import DataLoader
 
 from .. import hub
 from .._config import RunConfig
+from .._runtime import (
+    ResumableSampler,
+    dist_info,
+    init_distributed,
+    pick_device,
+    progress_bar,
+    step_seed,
+    tensorboard_writer,
+)
 from ..data.modalities import canonical_modalities
 from .base import AdapterModel, param_groups
 from .evaluation import classification_scores, prepare_data, segmentation_scores
@@ -203,14 +211,6 @@ class FinetuneResult:
     seconds: float = 0.0
 
 
-def _dist_info() -> tuple[int, int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _step_seed(seed: int, rank: int, epoch: int, micro: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729 + micro + 17) % (2**63 - 1)
-
-
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k in samples[0]:
@@ -227,27 +227,15 @@ class Finetuner:
         self.config = config
         self.resume = resume
         self.show_progress = show_progress
-        self.rank, self.world_size, self.local_rank = _dist_info()
+        self.rank, self.world_size, self.local_rank = dist_info()
         self.is_main = self.rank == 0
         self.out = Path(config.out)
-        self.device = self._pick_device()
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
+        self.device = pick_device(config.device, self.local_rank)
+        init_distributed(self.device, self.world_size)
         self.amp_dtype = amp_dtype_for(self.device, config.precision)
         torch.manual_seed(config.seed)  # identical initial heads on every rank
         np.random.seed(config.seed)
         self._given_model = model
-
-    def _pick_device(self) -> torch.device:
-        want = self.config.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device(want)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def build_model(self, class_names: tuple[str, ...] | None = None) -> AdapterModel:
@@ -333,7 +321,6 @@ class Finetuner:
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> FinetuneResult:
         from ..pretrain.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, set_rng_state
-        from ..pretrain.trainer import ResumableSampler
 
         cfg = self.config
         t_start = time.perf_counter()
@@ -414,7 +401,7 @@ class Finetuner:
                                 drop_last=False, pin_memory=self.device.type == "cuda", collate_fn=_collate,
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for batch in loader:
-                torch.manual_seed(_step_seed(cfg.seed, self.rank, epoch, micro_done))
+                torch.manual_seed(step_seed(cfg.seed, self.rank, epoch, micro_done, salt=17))
                 micro_done += 1
                 x = batch["image"].to(self.device, non_blocking=True)
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -559,17 +546,10 @@ class Finetuner:
                                           "epoch": epoch, "optimizer_steps": step})
 
     def _writer(self) -> Any:
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+        return tensorboard_writer(self.out / "tensorboard")
 
     def _progress(self, total: int, initial: int) -> Any:
-        if not (self.is_main and self.show_progress):
-            return None
-        from tqdm.auto import tqdm
-
-        return tqdm(total=total, initial=initial, desc=f"finetune {self.config.task}", unit="step",
-                    dynamic_ncols=True)
+        return progress_bar(total, initial, f"finetune {self.config.task}", self.is_main and self.show_progress)
 
 
 def _recipe_text(cfg: FinetuneConfig, epoch: int, step: int) -> str:

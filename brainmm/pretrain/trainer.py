@@ -16,18 +16,25 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 from .. import hub
+from .._runtime import (
+    ResumableSampler,
+    dist_info,
+    init_distributed,
+    pick_device,
+    progress_bar,
+    step_seed,
+    tensorboard_writer,
+)
 from ..data.modalities import MODALITIES
 from ..models import create_model
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint, set_rng_state
@@ -36,26 +43,6 @@ from .objectives import BrainMVPObjective
 from .templates import ModalityTemplates
 
 logger = logging.getLogger(__name__)
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` that can start an epoch part-way (for resume): skips the first ``start`` indices."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start:])
-
-    def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-def _dist_info() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the torchrun environment."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
 def cosine_lr_lambda(total_steps: int, warmup_steps: int, min_ratio: float):
@@ -77,30 +64,15 @@ class Trainer:
         self.config = config
         self.resume = resume
         self.show_progress = show_progress
-        self.rank, self.world_size, self.local_rank = _dist_info()
+        self.rank, self.world_size, self.local_rank = dist_info()
         self.out = Path(config.out)
-        self.device = self._pick_device()
-        self._init_distributed()
+        self.device = pick_device(config.device, self.local_rank)
+        init_distributed(self.device, self.world_size)
         self.is_main = self.rank == 0
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         np.random.seed(config.seed)
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def _pick_device(self) -> torch.device:
-        want = self.config.device
-        if want == "auto":
-            want = "cuda" if torch.cuda.is_available() else "cpu"
-        if want.startswith("cuda"):
-            if not torch.cuda.is_available():
-                raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
-            torch.cuda.set_device(self.local_rank)
-            return torch.device("cuda", self.local_rank)
-        return torch.device(want)
-
-    def _init_distributed(self) -> None:
-        if self.world_size > 1 and not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if self.device.type == "cuda" else "gloo")
-
     @property
     def amp_dtype(self) -> torch.dtype | None:
         p = self.config.precision
@@ -244,7 +216,7 @@ class Trainer:
             for batch in loader:
                 # Randomness of a step (masks, modality choices, drop-path) is a function of (seed, rank, position):
                 # ranks differ, and a resumed run replays exactly what the uninterrupted run would have drawn.
-                torch.manual_seed(_step_seed(cfg.seed, self.rank, epoch, micro_done))
+                torch.manual_seed(step_seed(cfg.seed, self.rank, epoch, micro_done))
                 micro_done += 1
                 batch = {k: (v.to(self.device, non_blocking=True) if k == "image" else v) for k, v in batch.items()}
                 boundary = micro_done % cfg.accumulation == 0
@@ -312,17 +284,11 @@ class Trainer:
         return export
 
     # ------------------------------------------------------------------------------------------------ outputs
-    def _progress(self, total: int, initial: int):
-        if not (self.is_main and self.show_progress):
-            return None
-        from tqdm.auto import tqdm
+    def _progress(self, total: int, initial: int) -> Any:
+        return progress_bar(total, initial, f"pretrain {self.config.arch}", self.is_main and self.show_progress)
 
-        return tqdm(total=total, initial=initial, desc=f"pretrain {self.config.arch}", unit="step", dynamic_ncols=True)
-
-    def _writer(self):
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(log_dir=str(self.out / "tensorboard"))
+    def _writer(self) -> Any:
+        return tensorboard_writer(self.out / "tensorboard")
 
     def _checkpoint(self, objective, optimizer, scheduler, scaler, step, epoch, micro_done, ckpt_dir) -> None:
         # The data position is saved as "epoch E, micro-batches done"; a finished epoch resumes at the next one.
@@ -380,10 +346,6 @@ def _recipe_text(cfg: PretrainConfig, step: int) -> str:
             f"(from epoch {o.template_only_epochs + 1}) + {o.contrastive_weight:g} x InfoNCE (temperature "
             f"{o.temperature:g}, from epoch {o.contrastive_start_epoch}); modality sampling {o.modality_sampling}. "
             f"Run config hash `{cfg.digest()}`.")
-
-
-def _step_seed(seed: int, rank: int, epoch: int, micro: int) -> int:
-    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729 + micro) % (2**63 - 1)
 
 
 def _collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
