@@ -77,6 +77,11 @@ def coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def given_settings(namespace: Any, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The command-line flags among ``keys`` the user gave (argparse leaves the others None)."""
+    return {k: getattr(namespace, k) for k in keys if getattr(namespace, k) is not None}
+
+
 def parse_override(item: str) -> tuple[str, Any]:
     """``"key=value"`` -> ``(key, YAML-parsed value)``."""
     if "=" not in item:

@@ -199,12 +199,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
         cfg = demo_config()
     else:
         cfg = PretrainConfig()
-    overrides: dict[str, Any] = {}
-    for key in ("data", "arch", "out", "epochs", "max_steps", "batch_size", "accumulation", "lr", "precision",
-                "num_workers", "seed", "device"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = value
+    from brainmm._config import given_settings
+
+    overrides = given_settings(args, ("data", "arch", "out", "epochs", "max_steps", "batch_size", "accumulation", "lr",
+                                      "precision", "num_workers", "seed", "device"))
     if args.crop is not None:
         overrides["crop_size"] = list(args.crop)
     if args.mask_ratio is not None:

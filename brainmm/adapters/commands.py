@@ -27,15 +27,13 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
+    from .._config import given_settings
     from .finetune import FinetuneConfig, finetune
 
-    explicit: dict[str, Any] = {}
-    for key in ("encoder", "data", "labels", "out", "epochs", "max_steps", "batch_size", "lr", "label_fraction",
-                "val_fraction", "val_every", "decoder", "mode", "pool", "head", "layer_decay", "modality_dropout",
-                "precision", "device", "num_workers", "seed", "optimizer", "sw_overlap"):
-        value = getattr(args, key)
-        if value is not None:
-            explicit[key] = value
+    explicit = given_settings(args, ("encoder", "data", "labels", "out", "epochs", "max_steps", "batch_size", "lr",
+                                     "label_fraction", "val_fraction", "val_every", "decoder", "mode", "pool", "head",
+                                     "layer_decay", "modality_dropout", "precision", "device", "num_workers", "seed",
+                                     "optimizer", "sw_overlap"))
     if args.crop is not None:
         explicit["crop_size"] = tuple(args.crop)
     if args.modalities is not None:

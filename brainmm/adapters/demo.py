@@ -138,6 +138,14 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
         timings[f"pretrain {v}"] = time.perf_counter() - t
         encoders[v] = f"local-dir:{Path(export).resolve()}"
 
+    def timed_finetune(fc: FinetuneConfig, timing_key: str) -> dict[str, Any]:
+        t = time.perf_counter()
+        res = finetune(fc, show_progress=show_progress)
+        timings[timing_key] = time.perf_counter() - t
+        summary = _summary(res.out)
+        return {"metrics": res.metrics, "best_epoch": res.best_epoch, "steps": res.steps, "model": str(res.best),
+                "seconds": res.seconds, "train_studies": summary["train"], "val_studies": summary["val"]}
+
     def seg_run(name: str, encoder: str) -> dict[str, Any]:
         steps_per_epoch = _steps_per_epoch(cfg.seg_studies, cfg.val_fraction, cfg.label_fraction, 4, 2)
         epochs = max(1, math.ceil(cfg.finetune_steps / steps_per_epoch))
@@ -148,12 +156,7 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
             label_fraction=cfg.label_fraction, val_fraction=cfg.val_fraction, max_val_studies=cfg.max_val_studies,
             seed=cfg.seed, device=cfg.device, sw_batch_size=4, overlays=1, pretrained=False)
         say(f"[demo] fine-tuning segmentation from {LABELS[name]}: {cfg.finetune_steps} steps")
-        t = time.perf_counter()
-        res = finetune(fc, show_progress=show_progress)
-        timings[f"segmentation {name}"] = time.perf_counter() - t
-        return {"metrics": res.metrics, "best_epoch": res.best_epoch, "steps": res.steps, "model": str(res.best),
-                "seconds": res.seconds, "train_studies": _summary(res.out)["train"],
-                "val_studies": _summary(res.out)["val"]}
+        return timed_finetune(fc, f"segmentation {name}")
 
     def cls_run(name: str, encoder: str) -> dict[str, Any]:
         steps_per_epoch = _steps_per_epoch(cfg.cls_studies, 0.25, 1.0, 1, 4)  # FinetuneConfig.demo("cls") batch 4
@@ -164,12 +167,7 @@ def run_demo(cfg: DemoConfig, *, show_progress: bool = True,
             atlas_size=cfg.shape, epochs=epochs, max_steps=cfg.cls_steps, val_every=max(1, epochs // 2),
             val_fraction=0.25, classes=CLASS_NAMES, seed=cfg.seed, device=cfg.device, pretrained=False)
         say(f"[demo] fine-tuning classification from {LABELS[name]}: {cfg.cls_steps} steps")
-        t = time.perf_counter()
-        res = finetune(fc, show_progress=show_progress)
-        timings[f"classification {name}"] = time.perf_counter() - t
-        return {"metrics": res.metrics, "best_epoch": res.best_epoch, "steps": res.steps, "model": str(res.best),
-                "seconds": res.seconds, "train_studies": _summary(res.out)["train"],
-                "val_studies": _summary(res.out)["val"]}
+        return timed_finetune(fc, f"classification {name}")
 
     runs: dict[str, dict[str, Any]] = {}
     for name in ["scratch", *variants]:
