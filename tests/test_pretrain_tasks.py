@@ -220,3 +220,39 @@ def test_block_grid_expands_to_the_voxel_mask():
     torch.manual_seed(3)
     voxel = random_block_mask(2, (16, 24, 8), 8, 0.5)
     assert torch.equal(voxel, grid.repeat_interleave(8, 2).repeat_interleave(8, 3).repeat_interleave(8, 4))
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 4, 6, 8, 16])
+def test_block_grid_expansion_for_every_block_size(block):
+    from brainmm.pretrain.masking import expand_block_grid
+
+    grid = torch.rand(2, 1, 3, 2, 4, generator=torch.Generator().manual_seed(block)) > 0.5
+    expected = grid.repeat_interleave(block, 2).repeat_interleave(block, 3).repeat_interleave(block, 4)
+    assert torch.equal(expand_block_grid(grid, block), expected)
+
+
+def test_visible_blocks_are_drawn_uniformly():
+    # every block is visible with probability keep / n: 4000 draws of 16 blocks keeping 4 -> 1000 per block,
+    # binomial sd ~27; a bias towards low/high indices (e.g. a sorted or truncated draw) would show at once
+    from brainmm.pretrain import random_block_grid
+
+    g = torch.Generator().manual_seed(0)
+    counts = random_block_grid(4000, (16, 16, 16), 4, 0.75, generator=g).flatten(1).sum(0).float()
+    assert counts.sum() == 4000 * 16 and torch.all((counts - 1000).abs() < 5 * 27.4)
+
+
+def test_template_window_gradients_equal_normalising_the_whole_volume():
+    torch.manual_seed(0)
+    tpl = ModalityTemplates((12, 10, 9))
+    with torch.no_grad():
+        tpl.weight.copy_(torch.randn_like(tpl.weight))
+    modality, origin = torch.tensor([1, 1, 3]), torch.tensor([[0, 0, 0], [4, 2, 1], [2, 2, 5]])
+    weights = torch.randn(3, 1, 8, 8, 4)
+    (tpl.windows(modality, origin, (8, 8, 4)) * weights).sum().backward()
+    ours = tpl.weight.grad.clone()
+    tpl.weight.grad = None
+    whole = tpl.normalised()
+    ref = torch.stack([whole[m, a:a + 8, b:b + 8, c:c + 4] for m, (a, b, c) in zip(modality.tolist(),
+                                                                                    origin.tolist())])
+    (ref.unsqueeze(1) * weights).sum().backward()
+    assert torch.allclose(ours, tpl.weight.grad, atol=1e-6, rtol=1e-5)
