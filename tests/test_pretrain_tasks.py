@@ -256,3 +256,21 @@ def test_template_window_gradients_equal_normalising_the_whole_volume():
                                                                                     origin.tolist())])
     (ref.unsqueeze(1) * weights).sum().backward()
     assert torch.allclose(ours, tpl.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_template_windows_work_under_torch_compile():
+    # the windows' in-place normalisation must stay out of compiled graphs (their saved tensors would be modified)
+    tpl = ModalityTemplates((10, 10, 10))
+    with torch.no_grad():
+        tpl.weight.copy_(torch.randn_like(tpl.weight))
+    modality, origin = torch.tensor([0, 2]), torch.tensor([[0, 1, 2], [3, 3, 3]])
+    weights = torch.randn(2, 1, 4, 4, 4)
+
+    def loss(t: ModalityTemplates) -> torch.Tensor:
+        return (torch.sigmoid(t.windows(modality, origin, (4, 4, 4)) * weights) * 3).sum()
+
+    loss(tpl).backward()
+    eager = tpl.weight.grad.clone()
+    tpl.weight.grad = None
+    torch.compile(loss, backend="aot_eager")(tpl).backward()
+    assert torch.allclose(tpl.weight.grad, eager, atol=1e-6)

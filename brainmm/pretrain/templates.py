@@ -35,6 +35,9 @@ class ModalityTemplates(nn.Module):
         hi = flat.max(dim=1).values.view(-1, 1, 1, 1)
         return (t - lo) / (hi - lo + 1e-9)
 
+    # eager on purpose: the windows' positions are host data (a graph break anyway), and the in-place normalisation
+    # below is only valid when the stacked buffer is not an output of a compiled graph that saved it for backward
+    @torch.compiler.disable
     def windows(self, modality: torch.Tensor, origin: torch.Tensor, crop: Sequence[int]) -> torch.Tensor:
         """Template windows for a batch: ``modality (B,)`` template row per sample, ``origin (B, 3)`` crop start in
         atlas voxels (CPU tensors: no device sync) -> ``(B, 1, *crop)``, min-max normalised over the whole template."""
