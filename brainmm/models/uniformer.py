@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from torch import nn
 
+from ..ops import DepthwiseConv3d
 from ._base import Encoder, LinearReconstructionDecoder
 from ._pretrained import PretrainedCfg
 from ._registry import register_model
@@ -70,11 +71,11 @@ class ConvBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_ratio: float = 4.0, drop: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(dim, 3)
         self.norm1 = nn.BatchNorm3d(dim)
         self.conv1 = nn.Conv3d(dim, dim, 1)
         self.conv2 = nn.Conv3d(dim, dim, 1)
-        self.attn = nn.Conv3d(dim, dim, 5, padding=2, groups=dim)
+        self.attn = DepthwiseConv3d(dim, 5)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.BatchNorm3d(dim)
         self.mlp = ConvMlp(dim, int(dim * mlp_ratio), drop)
@@ -111,7 +112,7 @@ class AttentionBlock(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0,
                  attn_drop: float = 0.0, drop_path: float = 0.0) -> None:
         super().__init__()
-        self.pos_embed = nn.Conv3d(dim, dim, 3, padding=1, groups=dim)
+        self.pos_embed = DepthwiseConv3d(dim, 3)
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()

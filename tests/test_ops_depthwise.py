@@ -1,0 +1,103 @@
+"""The Triton depthwise-convolution backend equals F.conv3d (values and gradients), run by Triton's CPU interpreter.
+
+The kernels are compiled for the interpreter only when TRITON_INTERPRET=1 is set before Triton JIT-decorates them, so
+the checks run in a fresh interpreter process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from brainmm.ops import DepthwiseConv3d, depthwise_backend, get_depthwise_backend, set_depthwise_backend
+
+pytest.importorskip("triton")
+
+CHECKS = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    from brainmm.ops import DepthwiseConv3d, depthwise_backend
+    from brainmm.models.uniformer import ConvBlock
+
+    def grads(module, x, g, backend):
+        x = x.detach().requires_grad_(True)
+        module.zero_grad(set_to_none=True)
+        with depthwise_backend(backend):
+            y = module(x)
+        y.backward(g)
+        return [y.detach(), x.grad] + [p.grad for p in module.parameters()]
+
+    def close(a, b, tol):
+        scale = b.abs().max().clamp_min(1.0)
+        assert (a.float() - b.float()).abs().max() <= tol * scale, (a.float() - b.float()).abs().max() / scale
+
+    torch.manual_seed(0)
+    # odd kernel sizes, odd/uneven grids, with and without bias
+    for k, shape, bias in ((3, (2, 3, 5, 6, 7), True), (5, (1, 2, 6, 4, 9), True), (5, (2, 2, 3, 5, 4), False),
+                           (1, (1, 2, 3, 3, 3), True)):
+        conv = DepthwiseConv3d(shape[1], k, bias=bias)
+        x, g = torch.randn(shape), torch.randn(shape)
+        for a, b in zip(grads(conv, x, g, "triton"), grads(conv, x, g, "torch")):
+            close(a, b, 1e-5)
+    # channels-last input gives the same result
+    conv = DepthwiseConv3d(4, 3)
+    x = torch.randn(1, 4, 4, 5, 6)
+    close(grads(conv, x.to(memory_format=torch.channels_last_3d), torch.ones_like(x), "triton")[0],
+          grads(conv, x, torch.ones_like(x), "torch")[0], 1e-5)
+    # a whole UniFormer convolution block (3^3 position + 5^3 aggregation convolutions), forward and every gradient
+    block = ConvBlock(4)
+    x, g = torch.randn(1, 4, 5, 4, 6), torch.randn(1, 4, 5, 4, 6)
+    for a, b in zip(grads(block, x, g, "triton"), grads(block, x, g, "torch")):
+        close(a, b, 1e-5)
+    # bf16 autocast: both backends compute in bf16 with float32 sums
+    conv = DepthwiseConv3d(3, 5)
+    x, g = torch.randn(1, 3, 6, 6, 6), torch.randn(1, 3, 6, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = grads(conv, x, g, "triton")
+        ref = grads(conv, x, g, "torch")
+    assert out[0].dtype == torch.bfloat16 and out[2].dtype == torch.float32
+    for a, b in zip(out, ref):
+        close(a, b, 2e-2)
+    print("depthwise triton checks passed")
+""")
+
+
+def test_triton_backend_matches_conv3d_in_the_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1", "BRAINMM_DEPTHWISE": "torch"}
+    done = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "depthwise triton checks passed" in done.stdout
+
+
+def test_backend_choice_and_errors(monkeypatch):
+    assert get_depthwise_backend() in ("torch", "triton")
+    before = get_depthwise_backend()
+    with depthwise_backend("torch"):
+        assert get_depthwise_backend() == "torch"
+    assert get_depthwise_backend() == before
+    with pytest.raises(ValueError, match="'cudnn' is not a depthwise-convolution backend; use one of torch, triton"):
+        set_depthwise_backend("cudnn")
+    with pytest.raises(ValueError, match="odd kernel_size"):
+        DepthwiseConv3d(4, 4)
+
+
+def test_triton_backend_falls_back_to_conv3d_for_cpu_tensors():
+    # outside the interpreter the Triton kernels need CUDA tensors: CPU tensors take F.conv3d, same numbers
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        pytest.skip("this process runs Triton's interpreter")
+    conv = DepthwiseConv3d(2, 3)
+    x = torch.randn(1, 2, 4, 4, 4)
+    with depthwise_backend("triton"):
+        out = conv(x)
+    assert torch.equal(out, torch.nn.functional.conv3d(x, conv.weight, conv.bias, padding=1, groups=2))
+
+
+def test_state_dict_keys_are_those_of_conv3d():
+    conv = DepthwiseConv3d(4, 5)
+    ref = torch.nn.Conv3d(4, 4, 5, padding=2, groups=4)
+    assert conv.state_dict().keys() == ref.state_dict().keys()
+    assert conv.weight.shape == ref.weight.shape
