@@ -182,70 +182,217 @@ def bench_loader(data: str, *, out: str = "runs/bench-loader", crop: int = 96,
             f"{crop3}; one-off cache build {build_s:.1f} s", "rows": rows, "env": environment(torch.device("cpu"))}
 
 
+# ------------------------------------------------------------------------------------------------ variants
+PRETRAIN_VARIANTS = "MODE-PRECISION[+triton][+cl]: MODE eager|compile, PRECISION fp32|bf16"
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+    """``compile-bf16+triton+cl`` -> mode, precision, depthwise backend, channels-last; errors name the variant."""
+    head, *options = variant.split("+")
+    mode, _, precision = head.partition("-")
+    bad = [o for o in options if o not in ("triton", "cl")]
+    if mode not in ("eager", "compile") or precision not in ("fp32", "bf16") or bad:
+        raise ValueError(f"Unknown variant {variant!r}; variants are {PRETRAIN_VARIANTS} "
+                         f"(e.g. eager-fp32, compile-bf16+triton).")
+    return {"mode": mode, "precision": precision, "depthwise": "triton" if "triton" in options else "torch",
+            "channels_last": "cl" in options}
+
+
+def top_ops(prof: Any, steps: int, device: torch.device, n: int = 12) -> list[dict[str, Any]]:
+    """The ``n`` operators / GPU kernels with the most self time per step (device time on CUDA)."""
+    events = prof.key_averages()
+    if device.type == "cuda":
+        def self_us(e: Any) -> float:
+            return float(getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0) or 0)
+    else:
+        def self_us(e: Any) -> float:
+            return float(e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events) or 1.0
+    ranked = sorted(events, key=self_us, reverse=True)[:n]
+    return [{"name": e.key[:90], "ms_per_step": self_us(e) / 1e3 / steps, "share": self_us(e) / total,
+             "calls_per_step": e.count / steps} for e in ranked if self_us(e) > 0]
+
+
+def profile_fn(fn: Callable[[], Any], device: torch.device, steps: int = 3) -> list[dict[str, Any]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            fn()
+        _sync(device)
+    return top_ops(prof, steps, device)
+
+
+def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
+    """Host-device synchronisations in one call of ``fn`` (CUDA's sync debug mode); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 # ------------------------------------------------------------------------------------------------ pretrain step
+def _train_step(loss_of: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, device: torch.device,
+                amp: bool) -> Callable[[], None]:
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = loss_of()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _measure(step: Callable[[], None], *, device: torch.device, warmup: int, repeats: int, volumes: int,
+             flops: float | None, profile: bool) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = statistics.median(time_fn(step, warmup=warmup, repeats=repeats, device=device))
+    row: dict[str, Any] = {"seconds": t, "volumes_per_s": volumes / t}
+    if flops:
+        row["tflops"] = flops / t / 1e12
+    if device.type == "cuda":
+        row["peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        row["host_syncs"] = count_host_syncs(step, device)
+    if profile:
+        row["profile"] = profile_fn(step, device, steps=min(3, repeats))
+    return row
+
+
 def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: int = 96,
                         atlas: tuple[int, int, int] = (240, 240, 155), variants: tuple[str, ...] = ("eager-fp32",),
-                        warmup: int = 3, repeats: int = 10, device: str = "auto",
-                        channels_last: bool = False) -> dict[str, Any]:
+                        warmup: int = 3, repeats: int = 10, device: str = "auto", channels_last: bool = False,
+                        baseline: bool = False, baseline_batch: int = 2, profile: bool = False) -> dict[str, Any]:
     """Forward + backward + AdamW step of the full BrainMVP objective (two views, all three tasks on).
 
-    Variants: ``eager-fp32``, ``eager-bf16``, ``compile-fp32``, ``compile-bf16``. volumes/s counts samples
-    (each one 96^3 crop of one modality, encoded twice), as the official figures do."""
+    Variants: ``MODE-PRECISION[+triton][+cl]`` (eager/compile, fp32/bf16, Triton depthwise convolutions,
+    channels_last_3d). volumes/s counts samples (each one crop of one modality, encoded twice), as the official
+    figures do. ``baseline`` adds MONAI SwinUNETR's (feature 48, 4 channels) train step at ``baseline_batch`` for
+    each mode-precision asked for; ``profile`` records each variant's top operators / kernels per step."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from .models import create_model
+    from .ops import depthwise_backend
     from .pretrain.objectives import BrainMVPObjective, ObjectiveConfig
     from .pretrain.templates import ModalityTemplates
 
     dev = _device(device)
+    parsed = [(v, parse_variant(v)) for v in variants]
     rows = []
     g = torch.Generator().manual_seed(0)
     batch_data = {"image": torch.rand(batch, len(MODALITIES), crop, crop, crop, generator=g).to(dev),
                   "present": torch.ones(batch, len(MODALITIES), dtype=torch.bool),
                   "origin": torch.zeros(batch, 3, dtype=torch.long)}
     flops = None
-    for variant in variants:
-        mode, _, precision = variant.partition("-")
-        if mode not in ("eager", "compile") or precision not in ("fp32", "bf16"):
-            raise ValueError(f"Unknown variant {variant!r}; use eager-fp32, eager-bf16, compile-fp32, compile-bf16.")
+    for variant, v in parsed:
+        if v["depthwise"] == "triton" and dev.type != "cuda":
+            raise ValueError(f"Variant {variant!r} needs a CUDA device (the Triton kernels run on the GPU).")
         torch.manual_seed(0)
         encoder = create_model(arch)
         objective = BrainMVPObjective(encoder, encoder.build_reconstruction_decoder(), ModalityTemplates(atlas),
                                       ObjectiveConfig(template_only_epochs=0, contrastive_start_epoch=0)).to(dev)
-        if channels_last:
+        if channels_last or v["channels_last"]:
             objective = objective.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(objective.parameters(), lr=3e-4)
-        step_fn = torch.compile(objective) if mode == "compile" else objective
-        amp = precision == "bf16"
+        step_fn = torch.compile(objective) if v["mode"] == "compile" else objective
+        step = _train_step(lambda f=step_fn: f(batch_data, epoch=2000).loss, opt, dev,
+                           v["precision"] == "bf16")
+        with depthwise_backend(v["depthwise"]):
+            if flops is None:
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                flops = counter.get_total_flops()
+            rows.append({"variant": variant, **_measure(step, device=dev, warmup=warmup, repeats=repeats,
+                                                        volumes=batch, flops=flops, profile=profile)})
+        del objective, opt, step_fn, step
+    if baseline:
+        from monai.networks.nets import SwinUNETR
 
-        def step(step_fn: Any = step_fn, opt: Any = opt, amp: bool = amp) -> None:
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
-                loss = step_fn(batch_data, epoch=2000).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        if flops is None:
-            with FlopCounterMode(display=False) as counter:
-                step()
-            flops = counter.get_total_flops()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        t = statistics.median(time_fn(step, warmup=warmup, repeats=repeats, device=dev))
-        row = {"variant": variant, "seconds": t, "volumes_per_s": batch / t, "tflops": flops / t / 1e12}
-        if dev.type == "cuda":
-            row["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2**30
-        rows.append(row)
+        x = torch.rand(baseline_batch, 4, crop, crop, crop, generator=g).to(dev)
+        y = (torch.rand(baseline_batch, 3, crop, crop, crop, generator=g) > 0.5).float().to(dev)
+        base_flops = None
+        for head in dict.fromkeys(f"{v['mode']}-{v['precision']}" for _, v in parsed):
+            mode, precision = head.split("-")
+            torch.manual_seed(0)
+            net = SwinUNETR(in_channels=4, out_channels=3, feature_size=48).to(dev)
+            opt = torch.optim.AdamW(net.parameters(), lr=3e-4)
+            fwd = torch.compile(net) if mode == "compile" else net
+            step = _train_step(lambda f=fwd: torch.nn.functional.binary_cross_entropy_with_logits(
+                f(x).float(), y), opt, dev, precision == "bf16")
+            if base_flops is None:
+                with FlopCounterMode(display=False) as counter:
+                    step()
+                base_flops = counter.get_total_flops()
+            rows.append({"variant": f"MONAI SwinUNETR train step, batch {baseline_batch}, {head}",
+                         **_measure(step, device=dev, warmup=warmup, repeats=repeats, volumes=baseline_batch,
+                                    flops=base_flops, profile=False)})
+            del net, opt, fwd, step
     return {"benchmark": "pretrain-step", "setting": f"{arch}, batch {batch}, {crop}^3, 2 views, 3 tasks on"
             + (", channels_last_3d" if channels_last else ""), "flop_per_step": flops, "rows": rows,
             "env": environment(dev)}
 
 
+# ------------------------------------------------------------------------------------------------ operators
+# UniFormer-S depthwise convolutions of one pre-training step: (stage, channels, stride, kernel, layers)
+UNIFORMER_DEPTHWISE = ((1, 64, 2, 3, 3), (1, 64, 2, 5, 3), (2, 128, 4, 3, 4), (2, 128, 4, 5, 4),
+                       (3, 320, 8, 3, 8), (4, 512, 16, 3, 3))
+
+
+def bench_ops(*, batch: int = 3, crop: int = 96, precisions: tuple[str, ...] = ("fp32", "bf16"),
+              channels_last: bool = True, warmup: int = 3, repeats: int = 10, device: str = "auto") -> dict[str, Any]:
+    """Forward + backward of each depthwise convolution of UniFormer-S at its pre-training shape (``2 * batch``
+    crops: two views), per backend and precision, and the per-step total (ms x layers). Backends: torch (contiguous,
+    PyTorch's direct kernels on the GPU), torch on channels_last_3d (cuDNN), and triton (CUDA only)."""
+    from .ops import DepthwiseConv3d, depthwise_backend
+
+    dev = _device(device)
+    cases = [("torch", p, False) for p in precisions]
+    if channels_last:
+        cases += [("torch", p, True) for p in precisions]
+    if dev.type == "cuda":
+        cases += [("triton", p, False) for p in precisions]
+    rows = []
+    for backend, precision, cl in cases:
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        row: dict[str, Any] = {"variant": f"{backend}{' channels_last' if cl else ''} {precision}"}
+        total = 0.0
+        for stage, ch, stride, k, layers in UNIFORMER_DEPTHWISE:
+            conv = DepthwiseConv3d(ch, k).to(dev, dtype)
+            size = max(1, crop // stride)
+            x = torch.randn(2 * batch, ch, size, size, size, device=dev, dtype=dtype)
+            if cl:
+                x = x.to(memory_format=torch.channels_last_3d)
+            x.requires_grad_(True)
+            grad = torch.randn_like(x)
+
+            def run(conv: torch.nn.Module = conv, x: torch.Tensor = x, grad: torch.Tensor = grad) -> None:
+                conv(x).backward(grad)
+
+            with depthwise_backend(backend):
+                t = statistics.median(time_fn(run, warmup=warmup, repeats=repeats, device=dev))
+            row[f"s{stage}_k{k}_ms"] = t * 1e3
+            total += t * layers
+        row["step_total_ms"] = total * 1e3
+        rows.append(row)
+    return {"benchmark": "ops", "setting": f"UniFormer-S depthwise convolutions, forward + backward, {2 * batch} crops "
+            f"of {crop}^3 (ms per layer; step total = sum of ms x layers)", "rows": rows, "env": environment(dev)}
+
+
 # ------------------------------------------------------------------------------------------------ output
-def format_result(result: dict[str, Any]) -> str:
+def format_result(result: dict[str, Any], *, markdown: bool = False) -> str:
+    """The result as an aligned text table (or a Markdown table), then each variant's profile, then the env."""
     rows = result["rows"]
-    keys = [k for k in rows[0] if k != "variant"] + [k for r in rows for k in r if k not in rows[0]]
-    keys = list(dict.fromkeys(keys))
+    keys = list(dict.fromkeys(k for r in rows for k in r if k != "variant" and not isinstance(r[k], list)))
     header = ["variant", *keys]
 
     def fmt(v: Any) -> str:
@@ -254,12 +401,21 @@ def format_result(result: dict[str, Any]) -> str:
         return "-" if v is None else str(v)
 
     table = [header] + [[r["variant"], *[fmt(r.get(k)) for k in keys]] for r in rows]
-    widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
     lines = [f"{result['benchmark']}: {result['setting']}"]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
-    lines.insert(2, "  ".join("-" * w for w in widths))
+    if markdown:
+        lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(row) + " |" for row in table[1:]]
+    else:
+        widths = [max(len(str(row[i])) for row in table) for i in range(len(header))]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+        lines.insert(2, "  ".join("-" * w for w in widths))
+    for r in rows:
+        for key, value in r.items():
+            if isinstance(value, list) and value:
+                lines.append(f"{key} of {r['variant']}: " + "; ".join(
+                    f"{op['name']} {op['ms_per_step']:.3g} ms ({op['share']:.0%})" for op in value))
     env = result["env"]
-    lines.append("env: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    lines.append(("" if not markdown else "\n") + "env: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     return "\n".join(lines)
 
 
@@ -316,3 +472,56 @@ def bench_inference(arch: str = "mmvp_swin", *, shape: tuple[int, int, int] = (2
         rows.append(row)
     return {"benchmark": "inference", "setting": f"{'x'.join(map(str, shape))}, 4 modalities, roi {roi}^3, overlap "
             f"{overlap}, sw batch {sw_batch_size}", "rows": rows, "env": environment(dev)}
+
+
+# ------------------------------------------------------------------------------------------------ suite
+SUITE_PARTS = ("pretrain-uniformer", "ops", "inference", "pretrain-swin", "compile-uniformer")
+
+
+def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device: str = "auto", warmup: int = 3,
+                repeats: int = 10, batch: int = 3, crop: int = 96, shape: tuple[int, int, int] = (240, 240, 155),
+                tiny: bool = False) -> Path:
+    """The performance targets' GPU benchmarks in one run, most important first. Each part's JSON and the growing
+    Markdown report ``suite.md`` are written as soon as the part ends, so a run cut short keeps what it measured; a
+    part that fails is recorded with its error and the suite goes on. ``tiny`` uses the ``*_tiny`` encoders (a
+    smoke run); Triton variants are left out without CUDA."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unknown = [p for p in parts if p not in SUITE_PARTS]
+    if unknown:
+        raise ValueError(f"Unknown suite part(s) {unknown}; parts are {', '.join(SUITE_PARTS)}.")
+    dev = _device(device)
+    suffix = "_tiny" if tiny else ""
+
+    def variants(*names: str) -> tuple[str, ...]:
+        return tuple(v for v in names if dev.type == "cuda" or "+triton" not in v)
+
+    common = {"warmup": warmup, "repeats": repeats, "device": str(dev)}
+    step = {"batch": batch, "crop": crop, "profile": True, **common}
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {
+        "pretrain-uniformer": lambda: bench_pretrain_step(
+            f"mmvp_uniformer{suffix}", variants=variants("eager-fp32", "eager-bf16", "eager-bf16+triton"), **step),
+        "ops": lambda: bench_ops(batch=batch, crop=crop, **common),
+        # MONAI's SwinUNETR needs windows of 64^3 or more (a 1^3 bottleneck cannot be instance-normalised)
+        "inference": lambda: bench_inference(f"mmvp_swin{suffix}", shape=shape, roi=max(crop, 64),
+                                             variants=("fp32", "bf16"), **common),
+        "pretrain-swin": lambda: bench_pretrain_step(f"mmvp_swin{suffix}", variants=("eager-bf16", "compile-bf16"),
+                                                     baseline=True, **step),
+        "compile-uniformer": lambda: bench_pretrain_step(
+            f"mmvp_uniformer{suffix}", variants=variants("compile-bf16", "compile-bf16+triton"), **step),
+    }
+    report = out / "suite.md"
+    report.write_text(f"# brainmm bench suite\n\nparts: {', '.join(parts)}\n")
+    for part in parts:
+        t0 = time.perf_counter()
+        try:
+            result = jobs[part]()
+        except Exception as err:  # one broken part must not lose the others' figures
+            text = f"{part}: FAILED after {time.perf_counter() - t0:.0f} s: {type(err).__name__}: {err}"
+        else:
+            write_json(result, out / f"{part}.json")
+            text = format_result(result, markdown=True) + f"\n\n({part}: {time.perf_counter() - t0:.0f} s)"
+        print(text, flush=True)
+        with report.open("a") as f:
+            f.write(f"\n## {part}\n\n{text}\n")
+    return report

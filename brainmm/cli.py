@@ -222,19 +222,32 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from brainmm import bench
 
+    if args.what == "suite":
+        report = bench.bench_suite(args.out, parts=tuple(args.parts or bench.SUITE_PARTS), device=args.device,
+                                   warmup=args.warmup, repeats=args.repeats, batch=args.batch, crop=args.crop,
+                                   shape=tuple(args.shape), tiny=args.tiny)
+        print(f"Wrote {report}")
+        return 0
     if args.what == "masking":
         result = bench.bench_masking(batch=args.batch, crop=args.crop, warmup=args.warmup, repeats=args.repeats,
                                      device=args.device)
     elif args.what == "loader":
         result = bench.bench_loader(args.data, out=args.out, crop=args.crop, studies=args.studies,
                                     num_workers=args.workers, atlas=tuple(args.atlas) if args.atlas else None)
+    elif args.what == "ops":
+        result = bench.bench_ops(batch=args.batch, crop=args.crop, warmup=args.warmup, repeats=args.repeats,
+                                 device=args.device,
+                                 precisions=tuple(args.variants) if args.variants else ("fp32", "bf16"))
     elif args.what == "pretrain-step":
-        result = bench.bench_pretrain_step(args.arch, batch=args.batch, crop=args.crop, variants=tuple(args.variants),
-                                           warmup=args.warmup, repeats=args.repeats, device=args.device,
-                                           channels_last=args.channels_last,
+        result = bench.bench_pretrain_step(args.arch, batch=args.batch, crop=args.crop,
+                                           variants=tuple(args.variants or ["eager-fp32"]), warmup=args.warmup,
+                                           repeats=args.repeats, device=args.device,
+                                           channels_last=args.channels_last, baseline=args.baseline,
+                                           baseline_batch=args.baseline_batch,
+                                           profile=args.profile,
                                            atlas=tuple(args.atlas) if args.atlas else (240, 240, 155))
     else:
-        variants = tuple(v.split("-")[-1] for v in args.variants)  # eager-fp32 -> fp32
+        variants = tuple(v.split("-")[-1] for v in args.variants or ["fp32", "bf16"])  # eager-fp32 -> fp32
         result = bench.bench_inference(args.arch, shape=tuple(args.shape), roi=args.crop, variants=variants,
                                        sw_batch_size=args.batch, warmup=args.warmup, repeats=args.repeats,
                                        device=args.device, baseline=not args.no_baseline)
@@ -351,26 +364,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", nargs="+", metavar="KEY=VALUE",
                    help="any other setting, e.g. objective.contrastive_start_epoch=500 warmup_steps=100")
 
-    p = add("bench", _cmd_bench, "measure speed: pretrain-step, inference, loader or masking (table + JSON)")
-    p.add_argument("what", choices=["pretrain-step", "inference", "loader", "masking"])
+    p = add("bench", _cmd_bench, "measure speed: pretrain-step, inference, ops, loader, masking, or the GPU suite "
+            "(table + JSON)")
+    p.add_argument("what", choices=["pretrain-step", "inference", "ops", "loader", "masking", "suite"])
     p.add_argument("--arch", default="mmvp_uniformer", help="encoder (pretrain-step, inference)")
     p.add_argument("--batch", type=int, default=3)
     p.add_argument("--crop", type=int, default=96, help="cubic crop size")
     p.add_argument("--atlas", type=int, nargs=3, default=None, metavar=("H", "W", "D"),
                    help="atlas grid (default 240 240 155 for SRI24 data)")
-    p.add_argument("--variants", nargs="+", default=["eager-fp32"],
-                   help="pretrain-step: eager-fp32 eager-bf16 compile-fp32 compile-bf16")
-    p.add_argument("--channels-last", action="store_true", help="pretrain-step: channels_last_3d memory format")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="pretrain-step: MODE-PRECISION[+triton][+cl], e.g. eager-fp32 eager-bf16 compile-bf16+triton "
+                        "(default eager-fp32); inference/ops: fp32 bf16")
+    p.add_argument("--channels-last", action="store_true", help="pretrain-step: channels_last_3d for every variant")
+    p.add_argument("--baseline", action="store_true",
+                   help="pretrain-step: add MONAI SwinUNETR's train step (batch 2) for each mode-precision")
+    p.add_argument("--baseline-batch", type=int, default=2, help="pretrain-step: SwinUNETR baseline batch (2)")
+    p.add_argument("--profile", action="store_true", help="pretrain-step: top operators / GPU kernels per variant")
+    p.add_argument("--parts", nargs="+", default=None,
+                   help="suite: which parts, in order (default all: pretrain-uniformer ops inference pretrain-swin "
+                        "compile-uniformer)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--data", default="demo", help="loader/inference: dataset path or 'demo'")
     p.add_argument("--studies", type=int, default=8, help="loader: number of studies")
     p.add_argument("--workers", type=int, default=2, help="loader: DataLoader workers")
-    p.add_argument("--out", default="runs/bench", help="loader: scratch folder (cache, demo data)")
+    p.add_argument("--out", default="runs/bench",
+                   help="loader: scratch folder (cache, demo data); suite: report folder")
     p.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155), metavar=("H", "W", "D"),
                    help="inference: volume size")
     p.add_argument("--no-baseline", action="store_true", help="inference: skip MONAI SwinUNETR")
+    p.add_argument("--tiny", action="store_true", help="suite: the *_tiny encoders (a smoke run)")
     p.add_argument("--json", default=None, help="also write the result as JSON")
 
     # Subcommands of other areas register themselves through the same `add` (their modules import lazily).
