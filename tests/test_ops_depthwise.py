@@ -101,3 +101,47 @@ def test_state_dict_keys_are_those_of_conv3d():
     ref = torch.nn.Conv3d(4, 4, 5, padding=2, groups=4)
     assert conv.state_dict().keys() == ref.state_dict().keys()
     assert conv.weight.shape == ref.weight.shape
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_triton_kernels_compile_for_hopper_without_register_spills(dtype, tmp_path):
+    # ahead-of-time compilation for sm_90 needs no GPU: catches kernels that do not build, or that spill registers
+    # (the fully unrolled 5^3 loop once did: 255 registers and 460 bytes of spills)
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        try:
+            ptxas = get_ptxas(90).path
+        except TypeError:  # older Triton: no arch argument
+            ptxas = get_ptxas().path
+    except Exception as err:  # noqa: BLE001
+        pytest.skip(f"no ptxas in this Triton install: {err}")
+    from brainmm.ops import _triton_depthwise as kernels
+
+    def spills(fn, signature: dict, constexprs: dict) -> tuple[int, int]:
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+        ptx = tmp_path / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        done = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", str(ptx), "-o", str(tmp_path / "kernel.cubin")],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return (int(re.search(r"(\d+) bytes spill stores", done.stderr).group(1)),
+                int(re.search(r"Used (\d+) registers", done.stderr).group(1)))
+
+    ints = {"H": "i32", "W": "i32", "D": "i32"}
+    for k in (3, 5):
+        fwd = spills(kernels._depthwise_forward_kernel,
+                     {"x_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "out_ptr": f"*{dtype}",
+                      "C": "i32", **ints, "K": "constexpr", "HAS_BIAS": "constexpr", "BLOCK": "constexpr"},
+                     {"K": k, "HAS_BIAS": True, "BLOCK": kernels.FORWARD_BLOCK})
+        grad = spills(kernels._depthwise_weight_grad_kernel,
+                      {"x_ptr": f"*{dtype}", "g_ptr": f"*{dtype}", "partial_ptr": "*fp32", **ints, "TILES": "i32",
+                       "K": "constexpr", "BLOCK": "constexpr"},
+                      {"K": k, "BLOCK": kernels.WEIGHT_GRAD_BLOCK})
+        assert fwd[0] == 0 and grad[0] == 0, (k, fwd, grad)

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "H", "W", "D"])
 def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, D,
                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # one program: one (sample, channel) plane and BLOCK consecutive output voxels of it
@@ -25,24 +25,27 @@ def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, D,
     d = offs % D
     plane = x_ptr + nc.to(tl.int64) * spatial
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for kh in tl.static_range(K):
+    # runtime loops over the kernel's rows (kh, kw), unrolled along the contiguous axis (kd): unrolling all K^3
+    # taps keeps K^3 address/mask sets live and spills registers for K = 5
+    for kh in range(K):
         hh = h + (kh - K // 2)
         ok_h = inside & (hh >= 0) & (hh < H)
-        for kw in tl.static_range(K):
+        for kw in range(K):
             ww = w + (kw - K // 2)
             ok_hw = ok_h & (ww >= 0) & (ww < W)
+            row = plane + (hh * W + ww) * D + d
+            taps = w_ptr + c * (K * K * K) + (kh * K + kw) * K
             for kd in tl.static_range(K):
                 dd = d + (kd - K // 2)
                 ok = ok_hw & (dd >= 0) & (dd < D)
-                xv = tl.load(plane + (hh * W + ww) * D + dd, mask=ok, other=0.0).to(tl.float32)
-                wv = tl.load(w_ptr + c * (K * K * K) + (kh * K + kw) * K + kd).to(tl.float32)
-                acc += xv * wv
+                xv = tl.load(row + (kd - K // 2), mask=ok, other=0.0).to(tl.float32)
+                acc += xv * tl.load(taps + kd).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
     tl.store(out_ptr + nc.to(tl.int64) * spatial + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["H", "W", "D", "TILES"])
 def _depthwise_weight_grad_kernel(x_ptr, g_ptr, partial_ptr, H, W, D, TILES,
                                   K: tl.constexpr, BLOCK: tl.constexpr):
     # one program: the K^3 tap sums of one (sample, channel) plane over BLOCK output voxels, written as partials
@@ -57,21 +60,22 @@ def _depthwise_weight_grad_kernel(x_ptr, g_ptr, partial_ptr, H, W, D, TILES,
     base = nc.to(tl.int64) * spatial
     g = tl.load(g_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
     out = partial_ptr + (nc.to(tl.int64) * TILES + tile) * (K * K * K)
-    for kh in tl.static_range(K):
+    for kh in range(K):  # runtime loops over rows, unrolled along the contiguous axis (as the forward kernel)
         hh = h + (kh - K // 2)
         ok_h = inside & (hh >= 0) & (hh < H)
-        for kw in tl.static_range(K):
+        for kw in range(K):
             ww = w + (kw - K // 2)
             ok_hw = ok_h & (ww >= 0) & (ww < W)
+            row = x_ptr + base + (hh * W + ww) * D + d
             for kd in tl.static_range(K):
                 dd = d + (kd - K // 2)
                 ok = ok_hw & (dd >= 0) & (dd < D)
-                xv = tl.load(x_ptr + base + (hh * W + ww) * D + dd, mask=ok, other=0.0).to(tl.float32)
+                xv = tl.load(row + (kd - K // 2), mask=ok, other=0.0).to(tl.float32)
                 tl.store(out + (kh * K + kw) * K + kd, tl.sum(xv * g, axis=0))
 
 
-FORWARD_BLOCK = 512
-WEIGHT_GRAD_BLOCK = 2048
+FORWARD_BLOCK = 512  # 4 warps: 72 registers, no spills for K = 5 (ptxas -v, sm_90a)
+WEIGHT_GRAD_BLOCK = 1024  # 4 warps: ~120 registers, no spills for K = 5 (ptxas -v, sm_90a)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
