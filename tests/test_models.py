@@ -197,3 +197,18 @@ def test_activation_checkpointing_gives_the_same_gradients(name):
     model(x).square().sum().backward()
     for a, p in zip(ref, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-5)
+
+
+def test_uniformer_keeps_the_memory_format_it_is_given():
+    # a PatchEmbed that left channels-last strides would switch every stage's kernels to that layout unasked
+    from brainmm.models.uniformer import PatchEmbed
+
+    model = brainmm.create_model("mmvp_uniformer_tiny").eval()
+    with torch.no_grad():
+        maps = model.forward_intermediates(torch.randn(1, 1, 32, 32, 32))
+        assert all(m.is_contiguous() for m in maps)
+        embed = PatchEmbed(4, 8)
+        x = torch.randn(2, 4, 8, 8, 8)
+        cl = embed(x.to(memory_format=torch.channels_last_3d))
+    assert cl.is_contiguous(memory_format=torch.channels_last_3d) and not cl.is_contiguous()
+    assert torch.allclose(cl, embed(x), atol=1e-6)

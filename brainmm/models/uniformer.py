@@ -36,8 +36,12 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.proj(x)
-        # LayerNorm over the channel axis without a flatten/transpose round trip.
-        return self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        # LayerNorm over the channel axis without a flatten/transpose round trip. Permuting back alone would leave
+        # channels-last strides, silently switching the whole stage (and its depthwise convolutions' kernels) to
+        # that layout: keep the convolution's layout (channels-last only when asked for).
+        x = self.norm(x.permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+        return x.contiguous(memory_format=torch.channels_last_3d if channels_last else torch.contiguous_format)
 
 
 class ConvMlp(nn.Module):
