@@ -132,6 +132,9 @@ def test_config_yaml_and_overrides(tmp_path):
         cfg.with_overrides(["lr"])
     with pytest.raises(ValueError, match="divisible by the mask block size"):
         cfg.with_overrides({"crop_size": [36, 32, 32]})
+    assert cfg.with_overrides(["depthwise=triton"]).depthwise == "triton"
+    with pytest.raises(ValueError, match="depthwise must be one of torch, triton, got 'cudnn'"):
+        cfg.with_overrides(["depthwise=cudnn"])
     path.write_text("learning_rate: 1\n")
     with pytest.raises(ValueError, match="Unknown pre-training setting"):
         PretrainConfig.from_yaml(path)

@@ -48,6 +48,8 @@ from .._runtime import (
     tensorboard_writer,
 )
 from ..data.modalities import canonical_modalities
+from ..ops import BACKENDS as DEPTHWISE_BACKENDS
+from ..ops import depthwise_backend
 from .base import AdapterModel, param_groups
 from .evaluation import classification_scores, prepare_data, segmentation_scores
 from .inference import amp_dtype_for
@@ -111,6 +113,7 @@ class FinetuneConfig(RunConfig):
     overlays: int = 2  # validation studies drawn as PNG overlays per validation (0 = none)
     # runtime
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
+    depthwise: str = "torch"  # UniFormer's depthwise convolutions: torch | triton (GPU kernels, brainmm.ops)
     device: str = "auto"
     num_workers: int = 2
     seed: int = 0
@@ -145,6 +148,8 @@ class FinetuneConfig(RunConfig):
             (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
             (self.mode in ("full", "freeze", "linear_probe"),
              f"mode must be full, freeze or linear_probe, got {self.mode!r}"),
+            (self.depthwise in DEPTHWISE_BACKENDS,
+             f"depthwise must be one of {', '.join(DEPTHWISE_BACKENDS)}, got {self.depthwise!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -320,6 +325,11 @@ class Finetuner:
 
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> FinetuneResult:
+        """Train (or resume), validating every ``val_every`` epochs; returns the best and last results."""
+        with depthwise_backend(self.config.depthwise):
+            return self._fit()
+
+    def _fit(self) -> FinetuneResult:
         from ..pretrain.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, set_rng_state
 
         cfg = self.config
@@ -341,7 +351,7 @@ class Finetuner:
         micro_per_epoch = math.ceil(sampler.num_samples / cfg.batch_size)
         groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay)
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-        optimizer = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = opt_cls(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
         min_ratio = cfg.min_lr / cfg.lr
         # Cosine per epoch (the paper's schedule): the factor of epoch e (1-based) is applied during that epoch.
         scheduler = torch.optim.lr_scheduler.LambdaLR(

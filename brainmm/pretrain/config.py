@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .._config import RunConfig, coerce_numbers
+from ..ops import BACKENDS as DEPTHWISE_BACKENDS
 from .objectives import ObjectiveConfig
 
 
@@ -33,6 +34,7 @@ class PretrainConfig(RunConfig):
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp16 | fp32
     grad_checkpointing: bool = False
     compile: bool = False
+    depthwise: str = "torch"  # UniFormer's depthwise convolutions: torch | triton (GPU kernels, brainmm.ops)
     num_workers: int = 4
     samples_per_study: int = 1  # crops per study per epoch
     seed: int = 0
@@ -64,6 +66,8 @@ class PretrainConfig(RunConfig):
             (self.precision in ("auto", "bf16", "fp16", "fp32"),
              f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
+            (self.depthwise in DEPTHWISE_BACKENDS,
+             f"depthwise must be one of {', '.join(DEPTHWISE_BACKENDS)}, got {self.depthwise!r}"),
         ]
         for ok, msg in checks:
             if not ok:

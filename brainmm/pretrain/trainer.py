@@ -37,6 +37,7 @@ from .._runtime import (
 )
 from ..data.modalities import MODALITIES
 from ..models import create_model
+from ..ops import depthwise_backend
 from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint, set_rng_state
 from .config import PretrainConfig
 from .objectives import BrainMVPObjective
@@ -152,6 +153,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ loop
     def fit(self) -> Path:
         """Run (or resume) the pre-training; returns the export folder."""
+        with depthwise_backend(self.config.depthwise):
+            return self._fit()
+
+    def _fit(self) -> Path:
         cfg = self.config
         dataset, _cache, data_summary = self.build_data()
         objective = self.build_objective()
@@ -173,7 +178,7 @@ class Trainer:
         template_params = [objective.templates.weight]
         network_params = [p for n, p in objective.named_parameters() if not n.endswith("templates.weight")]
         optimizer = torch.optim.AdamW([{"params": network_params}, {"params": template_params}], lr=cfg.lr,
-                                      weight_decay=cfg.weight_decay)
+                                      weight_decay=cfg.weight_decay, fused=self.device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_lr_lambda(total_steps, cfg.warmup_steps, cfg.min_lr / cfg.lr))
         scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
