@@ -231,11 +231,11 @@ class BrainMVPObjective(nn.Module):
         if cross_modal_on:
             source = self.cross_modal.choose_source(present[sample], modality)
             view_b = self.cross_modal.make_view(images, target, vis_b, source.to(device), template_fill)
-            fallback = int((source < 0).sum())
+            fallback = (source < 0).sum()  # a CPU tensor: no host sync, no graph break under torch.compile
         else:
             source = torch.full_like(modality, -1)
             view_b = fill_masked(target, template_fill, vis_b)
-            fallback = 0
+            fallback = torch.zeros((), dtype=torch.long)
 
         maps = self.encoder.forward_intermediates(torch.cat([view_a, view_b], 0))
         last = maps[-1]
