@@ -475,7 +475,7 @@ def bench_inference(arch: str = "mmvp_swin", *, shape: tuple[int, int, int] = (2
 
 
 # ------------------------------------------------------------------------------------------------ suite
-SUITE_PARTS = ("pretrain-uniformer", "ops", "inference", "pretrain-swin", "compile-uniformer")
+SUITE_PARTS = ("pretrain-uniformer", "ops", "inference", "compile-uniformer", "pretrain-swin")
 
 
 def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device: str = "auto", warmup: int = 3,

@@ -381,8 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-batch", type=int, default=2, help="pretrain-step: SwinUNETR baseline batch (2)")
     p.add_argument("--profile", action="store_true", help="pretrain-step: top operators / GPU kernels per variant")
     p.add_argument("--parts", nargs="+", default=None,
-                   help="suite: which parts, in order (default all: pretrain-uniformer ops inference pretrain-swin "
-                        "compile-uniformer)")
+                   help="suite: which parts, in order (default all: pretrain-uniformer ops inference "
+                        "compile-uniformer pretrain-swin)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
