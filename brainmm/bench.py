@@ -431,37 +431,45 @@ def bench_inference(arch: str = "mmvp_swin", *, shape: tuple[int, int, int] = (2
                     overlap: float = 0.5, sw_batch_size: int = 4, variants: tuple[str, ...] = ("fp32", "bf16"),
                     baseline: bool = True, warmup: int = 1, repeats: int = 5, device: str = "auto") -> dict[str, Any]:
     """Sliding-window segmentation of one four-modality volume (gaussian blending), brainmm's segmentation model of
-    ``arch`` beside MONAI's SwinUNETR (feature 48) with the same windows. Seconds per study; Dice agreement of each
-    variant's mask with the fp32 one (on random weights and input, so only a numerical check)."""
+    ``arch`` beside MONAI's SwinUNETR (feature 48) with the same windows. Variants: ``[compile-]fp32|bf16[+triton]``.
+    Seconds per study; Dice agreement of each variant's mask with the eager fp32 one (on random weights and input, so
+    only a numerical check)."""
     from monai.networks.nets import SwinUNETR
 
     from .adapters.inference import sliding_window_logits
     from .adapters.segmentation import create_segmentation_model
+    from .ops import depthwise_backend
 
     dev = _device(device)
+    parsed = [(v, parse_variant(v if "-" in v.split("+")[0] else f"eager-{v}")) for v in variants]
     torch.manual_seed(0)
     model = create_segmentation_model(arch, modalities=["t1", "t1c", "t2", "flair"], labels="brats2023").to(dev).eval()
     image = torch.rand(1, 4, *shape, generator=torch.Generator().manual_seed(0)).to(dev)
-    candidates: list[tuple[str, torch.nn.Module, str]] = [(f"brainmm {arch}", model, v) for v in variants]
+    candidates: list[tuple[str, torch.nn.Module, str, dict[str, Any]]] = [
+        (f"brainmm {arch}", model, name, v) for name, v in parsed]
     if baseline:
         ref = SwinUNETR(in_channels=4, out_channels=3, feature_size=48).to(dev).eval()
         ref.size_divisor = 32  # type: ignore[attr-defined]
-        candidates += [("MONAI SwinUNETR", ref, v) for v in variants]
+        candidates += [("MONAI SwinUNETR", ref, name, v) for name, v in parsed if v["depthwise"] == "torch"]
     rows, masks = [], {}
-    for name, net, precision in candidates:
-        amp = torch.bfloat16 if precision == "bf16" else None
+    for name, net, variant, v in candidates:
+        if v["depthwise"] == "triton" and dev.type != "cuda":
+            raise ValueError(f"Variant {variant!r} needs a CUDA device (the Triton kernels run on the GPU).")
+        amp = torch.bfloat16 if v["precision"] == "bf16" else None
+        runner = torch.compile(net) if v["mode"] == "compile" else net  # keeps size_divisor (attribute lookup)
         out: dict[str, torch.Tensor] = {}
 
-        def run(net: torch.nn.Module = net, amp: torch.dtype | None = amp, out: dict = out) -> None:
+        def run(net: torch.nn.Module = runner, amp: torch.dtype | None = amp, out: dict = out) -> None:
             out["logits"] = sliding_window_logits(net, image, (roi,) * 3, overlap=overlap, sw_batch_size=sw_batch_size,
                                                   device=dev, amp_dtype=amp)
 
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        t = statistics.median(time_fn(run, warmup=warmup, repeats=repeats, device=dev))
+        with depthwise_backend(v["depthwise"]):
+            t = statistics.median(time_fn(run, warmup=warmup, repeats=repeats, device=dev))
         mask = out["logits"] > 0
-        row: dict[str, Any] = {"variant": f"{name} {precision}", "seconds_per_study": t}
-        if precision == "fp32":
+        row: dict[str, Any] = {"variant": f"{name} {variant}", "seconds_per_study": t}
+        if variant in ("fp32", "eager-fp32"):
             masks[name] = mask
         elif name in masks:
             ref_mask = masks[name]
@@ -493,8 +501,10 @@ def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device
     dev = _device(device)
     suffix = "_tiny" if tiny else ""
 
-    def variants(*names: str) -> tuple[str, ...]:
-        return tuple(v for v in names if dev.type == "cuda" or "+triton" not in v)
+    def variants(*names: str, smoke_compile: bool = False) -> tuple[str, ...]:
+        """Triton variants only on CUDA; compiled ones in a tiny smoke run only where compiling is the point."""
+        return tuple(v for v in names if (dev.type == "cuda" or "+triton" not in v)
+                     and (not tiny or smoke_compile or not v.startswith("compile")))
 
     common = {"warmup": warmup, "repeats": repeats, "device": str(dev)}
     step = {"batch": batch, "crop": crop, "profile": True, **common}
@@ -504,11 +514,14 @@ def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device
         "ops": lambda: bench_ops(batch=batch, crop=crop, **common),
         # MONAI's SwinUNETR needs windows of 64^3 or more (a 1^3 bottleneck cannot be instance-normalised)
         "inference": lambda: bench_inference(f"mmvp_swin{suffix}", shape=shape, roi=max(crop, 64),
-                                             variants=("fp32", "bf16"), **common),
-        "pretrain-swin": lambda: bench_pretrain_step(f"mmvp_swin{suffix}", variants=("eager-bf16", "compile-bf16"),
-                                                     baseline=True, **step),
+                                             variants=variants("fp32", "bf16", "compile-bf16"), sw_batch_size=8,
+                                             **common),
+        "pretrain-swin": lambda: bench_pretrain_step(
+            f"mmvp_swin{suffix}", variants=variants("eager-bf16", "compile-bf16", smoke_compile=True), baseline=True,
+            **step),
         "compile-uniformer": lambda: bench_pretrain_step(
-            f"mmvp_uniformer{suffix}", variants=variants("compile-bf16", "compile-bf16+triton"), **step),
+            f"mmvp_uniformer{suffix}", variants=variants("compile-bf16", "compile-bf16+triton", smoke_compile=True),
+            **step),
     }
     report = out / "suite.md"
     report.write_text(f"# brainmm bench suite\n\nparts: {', '.join(parts)}\n")

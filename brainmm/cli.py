@@ -247,8 +247,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                                            profile=args.profile,
                                            atlas=tuple(args.atlas) if args.atlas else (240, 240, 155))
     else:
-        variants = tuple(v.split("-")[-1] for v in args.variants or ["fp32", "bf16"])  # eager-fp32 -> fp32
-        result = bench.bench_inference(args.arch, shape=tuple(args.shape), roi=args.crop, variants=variants,
+        result = bench.bench_inference(args.arch, shape=tuple(args.shape), roi=args.crop,
+                                       variants=tuple(args.variants or ["fp32", "bf16"]),
                                        sw_batch_size=args.batch, warmup=args.warmup, repeats=args.repeats,
                                        device=args.device, baseline=not args.no_baseline)
     print(bench.format_result(result))
@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atlas grid (default 240 240 155 for SRI24 data)")
     p.add_argument("--variants", nargs="+", default=None,
                    help="pretrain-step: MODE-PRECISION[+triton][+cl], e.g. eager-fp32 eager-bf16 compile-bf16+triton "
-                        "(default eager-fp32); inference/ops: fp32 bf16")
+                        "(default eager-fp32); inference: [compile-]fp32|bf16[+triton]; ops: fp32 bf16")
     p.add_argument("--channels-last", action="store_true", help="pretrain-step: channels_last_3d for every variant")
     p.add_argument("--baseline", action="store_true",
                    help="pretrain-step: add MONAI SwinUNETR's train step (batch 2) for each mode-precision")
