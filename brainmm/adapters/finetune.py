@@ -330,7 +330,7 @@ class Finetuner:
             return self._fit()
 
     def _fit(self) -> FinetuneResult:
-        from ..pretrain.checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, set_rng_state
+        from ..pretrain.checkpoint import latest_checkpoint, resume_from
 
         cfg = self.config
         t_start = time.perf_counter()
@@ -367,15 +367,7 @@ class Finetuner:
             if path is None:
                 logger.warning("resume: no checkpoint in %s, starting from scratch.", ckpt_dir)
             else:
-                tensors, plain = load_checkpoint(path)
-                model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
-                                      strict=True)
-                restore_optimizer(optimizer, tensors, plain)
-                scheduler.load_state_dict(plain["scheduler"])
-                if plain.get("scaler"):
-                    scaler.load_state_dict(plain["scaler"])
-                set_rng_state(tensors, plain["rng"])
-                c = plain["counters"]
+                c = resume_from(path, model, optimizer, scheduler, scaler)
                 step, epoch, micro_done = c["step"], c["epoch"], c["micro_in_epoch"]
                 best_score, best_epoch = c["best_score"], c["best_epoch"]
                 best_metrics, history = c.get("best_metrics", {}), c.get("history", [])

@@ -137,3 +137,17 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                       plain: dict[str, Any]) -> None:
     optimizer.load_state_dict(_unflatten_optimizer(tensors, plain["optimizer"]))
+
+
+def resume_from(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                scaler: Any) -> dict[str, Any]:
+    """Restore a run from checkpoint ``path``: model (strict), optimizer, scheduler, scaler and every RNG; returns
+    the saved counters (step, epoch, micro-batches done, and whatever else the loop saved)."""
+    tensors, plain = load_checkpoint(path)
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
+    restore_optimizer(optimizer, tensors, plain)
+    scheduler.load_state_dict(plain["scheduler"])
+    if plain.get("scaler"):
+        scaler.load_state_dict(plain["scaler"])
+    set_rng_state(tensors, plain["rng"])
+    return plain["counters"]

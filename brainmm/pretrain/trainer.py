@@ -38,7 +38,7 @@ from .._runtime import (
 from ..data.modalities import MODALITIES
 from ..models import create_model
 from ..ops import depthwise_backend
-from .checkpoint import latest_checkpoint, load_checkpoint, restore_optimizer, save_checkpoint, set_rng_state
+from .checkpoint import latest_checkpoint, resume_from, save_checkpoint
 from .config import PretrainConfig
 from .objectives import BrainMVPObjective
 from .templates import ModalityTemplates
@@ -190,15 +190,7 @@ class Trainer:
             if path is None:
                 logger.warning("--resume: no checkpoint in %s, starting from scratch.", ckpt_dir)
             else:
-                tensors, plain = load_checkpoint(path)
-                model_sd = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-                objective.load_state_dict(model_sd, strict=True)
-                restore_optimizer(optimizer, tensors, plain)
-                scheduler.load_state_dict(plain["scheduler"])
-                if plain.get("scaler"):
-                    scaler.load_state_dict(plain["scaler"])
-                set_rng_state(tensors, plain["rng"])
-                c = plain["counters"]
+                c = resume_from(path, objective, optimizer, scheduler, scaler)
                 step, epoch, micro_done = c["step"], c["epoch"], c["micro_in_epoch"]
                 if self.is_main:
                     logger.info("Resumed from %s at step %d (epoch %d, batch %d).", path, step, epoch, micro_done)
