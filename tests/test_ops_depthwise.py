@@ -62,6 +62,21 @@ CHECKS = textwrap.dedent("""
     assert out[0].dtype == torch.bfloat16 and out[2].dtype == torch.float32
     for a, b in zip(out, ref):
         close(a, b, 2e-2)
+    # under torch.compile (one graph: the custom ops' fake shapes and autograd registration hold)
+    conv = DepthwiseConv3d(3, 5)
+    x = torch.randn(1, 3, 4, 5, 6)
+
+    def compiled_grads(backend, compile):
+        xg = x.clone().requires_grad_(True)
+        conv.zero_grad(set_to_none=True)
+        fn = lambda t: (conv(t).sin() * 2).sum()  # noqa: E731
+        fn = torch.compile(fn, backend="aot_eager", fullgraph=True) if compile else fn
+        with depthwise_backend(backend):
+            fn(xg).backward()
+        return [xg.grad, conv.weight.grad, conv.bias.grad]
+
+    for a, b in zip(compiled_grads("triton", True), compiled_grads("torch", False)):
+        close(a, b, 1e-5)
     print("depthwise triton checks passed")
 """)
 
