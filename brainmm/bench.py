@@ -525,6 +525,8 @@ def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device
     }
     report = out / "suite.md"
     report.write_text(f"# brainmm bench suite\n\nparts: {', '.join(parts)}\n")
+    results: dict[str, dict[str, Any]] = {}
+    targets = target_summary(results)
     for part in parts:
         t0 = time.perf_counter()
         try:
@@ -532,9 +534,46 @@ def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device
         except Exception as err:  # one broken part must not lose the others' figures
             text = f"{part}: FAILED after {time.perf_counter() - t0:.0f} s: {type(err).__name__}: {err}"
         else:
+            results[part] = result
             write_json(result, out / f"{part}.json")
             text = format_result(result, markdown=True) + f"\n\n({part}: {time.perf_counter() - t0:.0f} s)"
         print(text, flush=True)
         with report.open("a") as f:
             f.write(f"\n## {part}\n\n{text}\n")
+        targets = target_summary(results)
+        (out / "targets.md").write_text(targets)
+    print(targets, flush=True)
     return report
+
+
+def target_summary(results: dict[str, dict[str, Any]]) -> str:
+    """The performance targets (batch 3, 96^3 step; 240x240x155 inference) against what the suite measured."""
+    def rows(*parts: str) -> list[dict[str, Any]]:
+        return [r for p in parts if p in results for r in results[p]["rows"]]
+
+    lines = ["| target | goal | measured | met |", "|---|---|---|---|"]
+    uni = [r for r in rows("pretrain-uniformer", "compile-uniformer") if "volumes_per_s" in r]
+    if uni:
+        best = max(uni, key=lambda r: r["volumes_per_s"])
+        memory = f", {best['peak_gib']:.1f} GiB peak" if "peak_gib" in best else ""
+        lines.append(f"| 1. mmvp_uniformer pre-training step | >= 40 volumes/s | {best['volumes_per_s']:.1f} volumes/s "
+                     f"({best['variant']}{memory}) | {'yes' if best['volumes_per_s'] >= 40 else 'no'} |")
+    swin = rows("pretrain-swin")
+    ours = [r for r in swin if not r["variant"].startswith("MONAI")]
+    base = [r for r in swin if r["variant"].startswith("MONAI") and r["variant"].endswith("eager-bf16")]
+    if ours and base:
+        best = max(ours, key=lambda r: r["volumes_per_s"])
+        ratio = best["volumes_per_s"] / base[0]["volumes_per_s"]
+        lines.append(f"| 2. mmvp_swin step vs MONAI SwinUNETR eager bf16 | >= 2x | {ratio:.2f}x ({best['variant']}: "
+                     f"{best['volumes_per_s']:.1f} vs {base[0]['volumes_per_s']:.1f} volumes/s; "
+                     f"{best.get('tflops', 0):.0f} TFLOP/s of ~800) | {'yes' if ratio >= 2 else 'no'} |")
+    inference = [r for r in rows("inference") if r["variant"].startswith("brainmm")
+                 and r.get("dice_vs_fp32", 1.0) >= 0.995]
+    if inference:
+        best = min(inference, key=lambda r: r["seconds_per_study"])
+        lines.append(f"| 3. 240x240x155 inference | <= 0.3 s, masks within 0.5 Dice points of fp32 | "
+                     f"{best['seconds_per_study']:.3f} s ({best['variant']}) | "
+                     f"{'yes' if best['seconds_per_study'] <= 0.3 else 'no'} |")
+    env = next(iter(results.values()))["env"] if results else {}
+    device = env.get("gpu") or env.get("device", "?")
+    return "\n".join([f"# Targets ({device})", "", *lines, ""])

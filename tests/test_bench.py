@@ -73,3 +73,6 @@ def test_bench_ops_and_suite(tmp_path, capsys):
     report = (tmp_path / "suite.md").read_text()
     assert "FAILED" not in report and "| eager-bf16 |" in report and "| brainmm mmvp_swin_tiny bf16 |" in report
     assert {p.name for p in tmp_path.glob("*.json")} == {"pretrain-uniformer.json", "ops.json", "inference.json"}
+    targets = (tmp_path / "targets.md").read_text()
+    assert "| 1. mmvp_uniformer pre-training step | >= 40 volumes/s |" in targets
+    assert "| 3. 240x240x155 inference |" in targets
