@@ -1,13 +1,14 @@
 """Depthwise 3D convolution with a choice of backend (UniFormer's 3^3 position and 5^3 "attention" convolutions).
 
 PyTorch runs a 5-D depthwise convolution on the GPU with its own direct kernels (cuDNN only for channels-last
-inputs), and their weight gradient re-reads the whole activation once per kernel tap. The ``triton`` backend keeps
-the same function and parameters (a drop-in ``nn.Conv3d``) and computes the weight gradient from one pass per tile.
+inputs), whose weight gradient is reduced separately per channel and kernel position (presumed to dominate the
+official step; ``brainmm bench ops`` measures it). The ``triton`` backend keeps the same function and parameters
+(a drop-in ``nn.Conv3d``) and reduces all K^3 taps' weight gradients from one pass per tile.
 
 Backends: ``torch`` (``F.conv3d``, the default), ``triton`` (CUDA tensors; CPU tensors only under
-``TRITON_INTERPRET=1``, as the tests run it). Choose with ``BRAINMM_DEPTHWISE=torch|triton`` or
-``with depthwise_backend("triton"): ...``. A layer the Triton kernels do not cover (stride, dilation, even kernels,
-non-'same' padding, 2**31 or more elements) always uses ``torch``.
+``TRITON_INTERPRET=1``, as the tests run it). Choose with ``BRAINMM_DEPTHWISE=torch|triton``,
+``with depthwise_backend("triton"): ...``, or the run configs' ``depthwise`` setting. ``DepthwiseConv3d`` is
+stride 1 with 'same' padding and an odd kernel by construction; inputs of 2**31 or more elements use ``torch``.
 """
 
 from __future__ import annotations
