@@ -242,15 +242,28 @@ def count_host_syncs(fn: Callable[[], Any], device: torch.device) -> int | None:
 
 # ------------------------------------------------------------------------------------------------ pretrain step
 def _train_step(loss_of: Callable[[], torch.Tensor], opt: torch.optim.Optimizer, device: torch.device,
-                amp: bool) -> Callable[[], None]:
-    def step() -> None:
+                amp: bool) -> Callable[[], torch.Tensor]:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             loss = loss_of()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
+
+
+def _first_step(step: Callable[[], torch.Tensor], count_flops: bool) -> tuple[float, float | None]:
+    """Run the first step: its loss (same seed, weights and masks in every variant, so the variants' first losses
+    agree up to precision: a numerical check of compile/bf16/Triton) and, if asked, its FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if not count_flops:
+        return float(step()), None
+    with FlopCounterMode(display=False) as counter:
+        loss = float(step())
+    return loss, counter.get_total_flops()
 
 
 def _measure(step: Callable[[], None], *, device: torch.device, warmup: int, repeats: int, volumes: int,
@@ -279,8 +292,6 @@ def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: i
     channels_last_3d). volumes/s counts samples (each one crop of one modality, encoded twice), as the official
     figures do. ``baseline`` adds MONAI SwinUNETR's (feature 48, 4 channels) train step at ``baseline_batch`` for
     each mode-precision asked for; ``profile`` records each variant's top operators / kernels per step."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from .models import create_model
     from .ops import depthwise_backend
     from .pretrain.objectives import BrainMVPObjective, ObjectiveConfig
@@ -308,12 +319,11 @@ def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: i
         step = _train_step(lambda f=step_fn: f(batch_data, epoch=2000).loss, opt, dev,
                            v["precision"] == "bf16")
         with depthwise_backend(v["depthwise"]):
-            if flops is None:
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                flops = counter.get_total_flops()
-            rows.append({"variant": variant, **_measure(step, device=dev, warmup=warmup, repeats=repeats,
-                                                        volumes=batch, flops=flops, profile=profile)})
+            first_loss, counted = _first_step(step, flops is None)
+            flops = flops or counted
+            rows.append({"variant": variant, "first_loss": first_loss,
+                         **_measure(step, device=dev, warmup=warmup, repeats=repeats, volumes=batch, flops=flops,
+                                    profile=profile)})
         del objective, opt, step_fn, step
     if baseline:
         from monai.networks.nets import SwinUNETR
@@ -329,11 +339,10 @@ def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: i
             fwd = torch.compile(net) if mode == "compile" else net
             step = _train_step(lambda f=fwd: torch.nn.functional.binary_cross_entropy_with_logits(
                 f(x).float(), y), opt, dev, precision == "bf16")
-            if base_flops is None:
-                with FlopCounterMode(display=False) as counter:
-                    step()
-                base_flops = counter.get_total_flops()
+            first_loss, counted = _first_step(step, base_flops is None)
+            base_flops = base_flops or counted
             rows.append({"variant": f"MONAI SwinUNETR train step, batch {baseline_batch}, {head}",
+                         "first_loss": first_loss,
                          **_measure(step, device=dev, warmup=warmup, repeats=repeats, volumes=baseline_batch,
                                     flops=base_flops, profile=False)})
             del net, opt, fwd, step
@@ -343,6 +352,23 @@ def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: i
 
 
 # ------------------------------------------------------------------------------------------------ operators
+def _relative_error(conv: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor, backend: str) -> float:
+    """Largest error of ``backend``'s output, input and weight gradients against ``torch``'s, relative to the
+    largest magnitude of each."""
+    from .ops import depthwise_backend
+
+    def outputs(name: str) -> list[torch.Tensor]:
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        with depthwise_backend(name):
+            y = conv(x)
+        y.backward(grad)
+        return [y.detach().float(), x.grad.float(), conv.weight.grad.float()]
+
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+               for a, b in zip(outputs(backend), outputs("torch")))
+
+
 # UniFormer-S depthwise convolutions of one pre-training step: (stage, channels, stride, kernel, layers)
 UNIFORMER_DEPTHWISE = ((1, 64, 2, 3, 3), (1, 64, 2, 5, 3), (2, 128, 4, 3, 4), (2, 128, 4, 5, 4),
                        (3, 320, 8, 3, 8), (4, 512, 16, 3, 3))
@@ -382,6 +408,8 @@ def bench_ops(*, batch: int = 3, crop: int = 96, precisions: tuple[str, ...] = (
                 t = statistics.median(time_fn(run, warmup=warmup, repeats=repeats, device=dev))
             row[f"s{stage}_k{k}_ms"] = t * 1e3
             total += t * layers
+            if backend != "torch":  # the compiled kernels against PyTorch's, output and both gradients
+                row["max_rel_err"] = max(row.get("max_rel_err", 0.0), _relative_error(conv, x, grad, backend))
         row["step_total_ms"] = total * 1e3
         rows.append(row)
     return {"benchmark": "ops", "setting": f"UniFormer-S depthwise convolutions, forward + backward, {2 * batch} crops "
