@@ -18,15 +18,18 @@ def dist_info() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def pick_device(want: str, local_rank: int = 0) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda``; a CUDA device is this process's local rank."""
+def pick_device(want: str | torch.device, local_rank: int | None = None) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``. With ``local_rank`` (a training process)
+    a CUDA device is that rank's, made current; without, the device asked for. No GPU for ``cuda`` is an error."""
+    want = str(want)
     if want == "auto":
         want = "cuda" if torch.cuda.is_available() else "cpu"
     if want.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was asked for but no CUDA GPU is available; use --device cpu.")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+            raise ValueError(f"device {want!r} was asked for but no CUDA GPU is available; use --device cpu or auto.")
+        if local_rank is not None:
+            torch.cuda.set_device(local_rank)
+            return torch.device("cuda", local_rank)
     return torch.device(want)
 
 

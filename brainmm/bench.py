@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._runtime import pick_device
 from .data.modalities import MODALITIES
 
 
@@ -55,14 +56,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA GPU is available.")
-    return torch.device(name)
-
-
 # ------------------------------------------------------------------------------------------------ masking
 def reference_masking_step(target: torch.Tensor, templates: torch.Tensor, modality: list[int],
                            origin: list[list[int]], block: int, ratio: float) -> torch.Tensor:
@@ -94,7 +87,7 @@ def bench_masking(*, batch: int = 3, crop: int = 96, atlas: tuple[int, int, int]
     from .pretrain.masking import fill_masked, random_block_mask
     from .pretrain.templates import ModalityTemplates
 
-    dev = _device(device)
+    dev = pick_device(device)
     templates = ModalityTemplates(atlas).to(dev)
     with torch.no_grad():
         templates.weight.normal_()
@@ -297,7 +290,7 @@ def bench_pretrain_step(arch: str = "mmvp_uniformer", *, batch: int = 3, crop: i
     from .pretrain.objectives import BrainMVPObjective, ObjectiveConfig
     from .pretrain.templates import ModalityTemplates
 
-    dev = _device(device)
+    dev = pick_device(device)
     parsed = [(v, parse_variant(v)) for v in variants]
     rows = []
     g = torch.Generator().manual_seed(0)
@@ -381,7 +374,7 @@ def bench_ops(*, batch: int = 3, crop: int = 96, precisions: tuple[str, ...] = (
     PyTorch's direct kernels on the GPU), torch on channels_last_3d (cuDNN), and triton (CUDA only)."""
     from .ops import DepthwiseConv3d, depthwise_backend
 
-    dev = _device(device)
+    dev = pick_device(device)
     cases = [("torch", p, False) for p in precisions]
     if channels_last:
         cases += [("torch", p, True) for p in precisions]
@@ -468,7 +461,7 @@ def bench_inference(arch: str = "mmvp_swin", *, shape: tuple[int, int, int] = (2
     from .adapters.segmentation import create_segmentation_model
     from .ops import depthwise_backend
 
-    dev = _device(device)
+    dev = pick_device(device)
     parsed = [(v, parse_variant(v if "-" in v.split("+")[0] else f"eager-{v}")) for v in variants]
     torch.manual_seed(0)
     model = create_segmentation_model(arch, modalities=["t1", "t1c", "t2", "flair"], labels="brats2023").to(dev).eval()
@@ -526,7 +519,7 @@ def bench_suite(out: str | Path, *, parts: tuple[str, ...] = SUITE_PARTS, device
     unknown = [p for p in parts if p not in SUITE_PARTS]
     if unknown:
         raise ValueError(f"Unknown suite part(s) {unknown}; parts are {', '.join(SUITE_PARTS)}.")
-    dev = _device(device)
+    dev = pick_device(device)
     suffix = "_tiny" if tiny else ""
 
     def variants(*names: str, smoke_compile: bool = False) -> tuple[str, ...]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .._runtime import pick_device
 from ..data.datasets import Study
 from ..data.transforms import atlas_placement, build_preprocessing
 from .base import AdapterModel
@@ -32,16 +33,6 @@ from .datasets import resize_volume
 logger = logging.getLogger(__name__)
 
 __all__ = ["PredictionResult", "Predictor", "load_adapter", "pick_device", "predict", "sliding_window_logits"]
-
-
-def pick_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error."""
-    want = str(device)
-    if want == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if want.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {want!r} was asked for but no CUDA GPU is available; use --device cpu or auto.")
-    return torch.device(want)
 
 
 def amp_dtype_for(device: torch.device, precision: str = "auto") -> torch.dtype | None:
