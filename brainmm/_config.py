@@ -11,12 +11,25 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C", bound="RunConfig")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")  # auto: bf16 on GPU, fp32 on CPU
 
 
 class RunConfig:
     """Mixin for ``@dataclass`` run configurations. ``setting_kind`` names them in error messages."""
 
     setting_kind = "run"
+
+    def validate(self, checks: list[tuple[bool, str]]) -> None:
+        """Raise ``ValueError`` for the first failed ``(ok, message)``, after the settings every run has
+        (``precision``, ``depthwise``)."""
+        from .ops import BACKENDS
+
+        precision, depthwise = self.precision, self.depthwise  # type: ignore[attr-defined]
+        shared = [(precision in PRECISIONS, f"precision must be auto, bf16, fp16 or fp32, got {precision!r}"),
+                  (depthwise in BACKENDS, f"depthwise must be one of {', '.join(BACKENDS)}, got {depthwise!r}")]
+        for ok, msg in [*checks, *shared]:
+            if not ok:
+                raise ValueError(msg + ".")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))  # type: ignore[call-overload]

@@ -48,7 +48,6 @@ from .._runtime import (
     tensorboard_writer,
 )
 from ..data.modalities import canonical_modalities
-from ..ops import BACKENDS as DEPTHWISE_BACKENDS
 from ..ops import depthwise_backend
 from .base import AdapterModel, param_groups
 from .evaluation import classification_scores, prepare_data, segmentation_scores
@@ -143,17 +142,11 @@ class FinetuneConfig(RunConfig):
             (0 < self.layer_decay <= 1, f"layer_decay must be in (0, 1], got {self.layer_decay}"),
             (0 < self.label_fraction <= 1, f"label_fraction must be in (0, 1], got {self.label_fraction}"),
             (0 <= self.val_fraction < 1, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
-            (self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
             (self.val_every >= 1, f"val_every must be >= 1, got {self.val_every}"),
             (self.mode in ("full", "freeze", "linear_probe"),
              f"mode must be full, freeze or linear_probe, got {self.mode!r}"),
-            (self.depthwise in DEPTHWISE_BACKENDS,
-             f"depthwise must be one of {', '.join(DEPTHWISE_BACKENDS)}, got {self.depthwise!r}"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg + ".")
+        self.validate(checks)
 
     @classmethod
     def demo(cls, task: str = "seg", *, encoder: str = "mmvp_uniformer_tiny", out: str = "runs/finetune-demo",

@@ -6,7 +6,6 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from .._config import RunConfig, coerce_numbers
-from ..ops import BACKENDS as DEPTHWISE_BACKENDS
 from .objectives import ObjectiveConfig
 
 
@@ -63,15 +62,9 @@ class PretrainConfig(RunConfig):
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.accumulation >= 1, f"accumulation must be >= 1, got {self.accumulation}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
-            (self.precision in ("auto", "bf16", "fp16", "fp32"),
-             f"precision must be auto, bf16, fp16 or fp32, got {self.precision!r}"),
             (self.max_steps is None or self.max_steps >= 1, f"max_steps must be >= 1, got {self.max_steps}"),
-            (self.depthwise in DEPTHWISE_BACKENDS,
-             f"depthwise must be one of {', '.join(DEPTHWISE_BACKENDS)}, got {self.depthwise!r}"),
         ]
-        for ok, msg in checks:
-            if not ok:
-                raise ValueError(msg + ".")
+        self.validate(checks)
 
 
 def demo_config(out: str = "runs/demo", arch: str = "mmvp_uniformer_tiny") -> PretrainConfig:
