@@ -11,38 +11,43 @@ import triton
 import triton.language as tl
 
 
+@triton.jit
+def _tile(tile, H, W, D, BLOCK: tl.constexpr):
+    """BLOCK consecutive voxels of a (H, W, D) plane: flat offsets, in-plane flags and their (h, w, d)."""
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < H * W * D, offs // (W * D), (offs // D) % W, offs % D
+
+
+@triton.jit
+def _shifted(plane, h, w, d, inside, kh, kw, kd: tl.constexpr, H, W, D, K: tl.constexpr):
+    """The plane's values at each voxel shifted by tap (kh, kw, kd) of a centred K^3 kernel (0 outside), float32."""
+    hh = h + (kh - K // 2)
+    ww = w + (kw - K // 2)
+    dd = d + (kd - K // 2)
+    ok = inside & (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W) & (dd >= 0) & (dd < D)
+    return tl.load(plane + (hh * W + ww) * D + dd, mask=ok, other=0.0).to(tl.float32)
+
+
+# Both kernels loop at run time over the kernel's rows (kh, kw) and unroll along the contiguous axis (kd): unrolling
+# all K^3 taps keeps K^3 address/mask sets live and spilled registers for K = 5 (255 registers, 460 B).
 @triton.jit(do_not_specialize=["C", "H", "W", "D"])
 def _depthwise_forward_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, H, W, D,
                               K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
     # one program: one (sample, channel) plane and BLOCK consecutive output voxels of it
     nc = tl.program_id(0)
     c = nc % C
-    spatial = H * W * D
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < spatial
-    h = offs // (W * D)
-    w = (offs // D) % W
-    d = offs % D
-    plane = x_ptr + nc.to(tl.int64) * spatial
+    offs, inside, h, w, d = _tile(tl.program_id(1), H, W, D, BLOCK)
+    base = nc.to(tl.int64) * (H * W * D)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    # runtime loops over the kernel's rows (kh, kw), unrolled along the contiguous axis (kd): unrolling all K^3
-    # taps keeps K^3 address/mask sets live and spills registers for K = 5
     for kh in range(K):
-        hh = h + (kh - K // 2)
-        ok_h = inside & (hh >= 0) & (hh < H)
         for kw in range(K):
-            ww = w + (kw - K // 2)
-            ok_hw = ok_h & (ww >= 0) & (ww < W)
-            row = plane + (hh * W + ww) * D + d
             taps = w_ptr + c * (K * K * K) + (kh * K + kw) * K
             for kd in tl.static_range(K):
-                dd = d + (kd - K // 2)
-                ok = ok_hw & (dd >= 0) & (dd < D)
-                xv = tl.load(row + (kd - K // 2), mask=ok, other=0.0).to(tl.float32)
+                xv = _shifted(x_ptr + base, h, w, d, inside, kh, kw, kd, H, W, D, K)
                 acc += xv * tl.load(taps + kd).to(tl.float32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + c).to(tl.float32)
-    tl.store(out_ptr + nc.to(tl.int64) * spatial + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + base + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.jit(do_not_specialize=["H", "W", "D", "TILES"])
@@ -51,31 +56,19 @@ def _depthwise_weight_grad_kernel(x_ptr, g_ptr, partial_ptr, H, W, D, TILES,
     # one program: the K^3 tap sums of one (sample, channel) plane over BLOCK output voxels, written as partials
     nc = tl.program_id(0)
     tile = tl.program_id(1)
-    spatial = H * W * D
-    offs = tile * BLOCK + tl.arange(0, BLOCK)
-    inside = offs < spatial
-    h = offs // (W * D)
-    w = (offs // D) % W
-    d = offs % D
-    base = nc.to(tl.int64) * spatial
+    offs, inside, h, w, d = _tile(tile, H, W, D, BLOCK)
+    base = nc.to(tl.int64) * (H * W * D)
     g = tl.load(g_ptr + base + offs, mask=inside, other=0.0).to(tl.float32)
     out = partial_ptr + (nc.to(tl.int64) * TILES + tile) * (K * K * K)
-    for kh in range(K):  # runtime loops over rows, unrolled along the contiguous axis (as the forward kernel)
-        hh = h + (kh - K // 2)
-        ok_h = inside & (hh >= 0) & (hh < H)
+    for kh in range(K):
         for kw in range(K):
-            ww = w + (kw - K // 2)
-            ok_hw = ok_h & (ww >= 0) & (ww < W)
-            row = x_ptr + base + (hh * W + ww) * D + d
             for kd in tl.static_range(K):
-                dd = d + (kd - K // 2)
-                ok = ok_hw & (dd >= 0) & (dd < D)
-                xv = tl.load(row + (kd - K // 2), mask=ok, other=0.0).to(tl.float32)
+                xv = _shifted(x_ptr + base, h, w, d, inside, kh, kw, kd, H, W, D, K)
                 tl.store(out + (kh * K + kw) * K + kd, tl.sum(xv * g, axis=0))
 
 
-FORWARD_BLOCK = 512  # 4 warps: 72 registers, no spills for K = 5 (ptxas -v, sm_90a)
-WEIGHT_GRAD_BLOCK = 1024  # 4 warps: ~120 registers, no spills for K = 5 (ptxas -v, sm_90a)
+FORWARD_BLOCK = 512  # 4 warps: at most 64 registers, no spills (ptxas -v, sm_90a)
+WEIGHT_GRAD_BLOCK = 1024  # 4 warps: at most 115 registers, no spills (ptxas -v, sm_90a)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
