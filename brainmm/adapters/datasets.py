@@ -108,29 +108,35 @@ class _CacheReader:
                   size: Sequence[int]) -> np.ndarray:
         """Window ``(C, *size)`` of the box at box index ``start_in_box`` in model channel order, zeros outside."""
         out = np.zeros((len(self.modalities), *map(int, size)), np.float32)
-        dst, src = [], []
-        for s, n, b in zip(start_in_box, size, vol.shape[1:], strict=True):
-            lo, hi = max(int(s), 0), min(int(s) + int(n), int(b))
-            if hi <= lo:
-                return out
-            dst.append(slice(lo - int(s), hi - int(s)))
-            src.append(slice(lo, hi))
+        overlap = _overlap(start_in_box, size, vol.shape[1:])
+        if overlap is None:
+            return out
+        dst, src = overlap
         for c, m in enumerate(self.modalities):
             if m in meta["modalities"]:
                 out[(c, *dst)] = vol[(meta["modalities"].index(m), *src)]
         return out
 
 
-def _read_label(label: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
-    out = np.zeros(tuple(map(int, size)), np.int64)
+def _overlap(start: Sequence[int], size: Sequence[int],
+             shape: Sequence[int]) -> tuple[list[slice], list[slice]] | None:
+    """Where a window of ``size`` at ``start`` (may be negative) meets an array of ``shape``: (window slices,
+    array slices), or None where they do not meet."""
     dst, src = [], []
-    for s, n, b in zip(start, size, label.shape, strict=True):
+    for s, n, b in zip(start, size, shape, strict=True):
         lo, hi = max(int(s), 0), min(int(s) + int(n), int(b))
         if hi <= lo:
-            return out
+            return None
         dst.append(slice(lo - int(s), hi - int(s)))
         src.append(slice(lo, hi))
-    out[tuple(dst)] = label[tuple(src)]
+    return dst, src
+
+
+def _read_label(label: np.ndarray, start: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    out = np.zeros(tuple(map(int, size)), np.int64)
+    overlap = _overlap(start, size, label.shape)
+    if overlap is not None:
+        out[tuple(overlap[0])] = label[tuple(overlap[1])]
     return out
 
 
